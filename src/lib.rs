@@ -1,0 +1,33 @@
+//! ontop: a containerd snapshotter served as a proxy plugin.
+//!
+//! - [`grpc`] translates containerd's Snapshots API and ontop's admin API;
+//! - [`snapshotter`] holds the contract's rules and orders transactions
+//!   against filesystem steps;
+//! - [`store`] owns the SQLite schema and every query;
+//! - [`layout`] owns the directories under the root;
+//! - [`mounts`] and [`filter`] are pure: mount specs, and containerd's
+//!   filter language.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod grpc;
+pub mod labels;
+pub mod layout;
+pub mod mounts;
+pub mod server;
+pub mod snapshot;
+pub mod snapshotter;
+pub mod store;
+pub mod usage;
+
+/// ontop's own `ontop.v1` admin API.
+pub mod admin {
+    pub mod v1 {
+        tonic::include_proto!("ontop.v1");
+    }
+}
+
+/// containerd's wire types, re-exported for clients and tests.
+pub use containerd_snapshots::api as containerd_api;

@@ -1,0 +1,240 @@
+//! The `ontop` command: `serve` runs the daemon; `ls` and `info` ask a
+//! running one through the admin API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use ontop::admin::v1::{admin_client::AdminClient, InfoRequest, ListRequest, SnapshotSummary};
+use ontop::config::{Config, LogFormat, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "ontop",
+    version,
+    about = "A containerd snapshotter: SQLite metadata, overlay mounts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve containerd's Snapshots API on a unix socket.
+    Serve(ServeArgs),
+    /// List every snapshot of a running daemon, with usage.
+    Ls(ClientArgs),
+    /// Show one snapshot of a running daemon: chain, usage, labels, path.
+    Info {
+        /// The snapshot's key or name, as containerd sent it.
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Config file [default: /etc/ontop/config.toml when it exists].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where snapshots and metadata live.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// The unix socket to serve on.
+    #[arg(long)]
+    address: Option<PathBuf>,
+    /// A tracing level or filter, such as "debug" or "ontop=debug,info".
+    #[arg(long)]
+    log_level: Option<String>,
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Config file to read the socket address from.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The daemon's socket.
+    #[arg(long)]
+    address: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn address(&self) -> anyhow::Result<PathBuf> {
+        let flags = Overrides {
+            address: self.address.clone(),
+            ..Default::default()
+        };
+        Ok(Config::load(self.config.as_deref(), flags)?.address)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ontop: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ontop: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let flags = Overrides {
+                root: args.root,
+                address: args.address,
+                log_level: args.log_level,
+                log_format: args.log_format,
+            };
+            let config = Config::load(args.config.as_deref(), flags)?;
+            init_logging(&config);
+            ontop::server::serve(config).await
+        }
+        Command::Ls(client) => {
+            let channel = ontop::client::connect(&client.address()?).await?;
+            let list = AdminClient::new(channel)
+                .list(ListRequest {})
+                .await
+                .context("listing snapshots")?
+                .into_inner();
+            println!(
+                "{:>6}  {:<9}  {:>10}  {:>7}  {:<40}  PARENT",
+                "ID", "KIND", "SIZE", "INODES", "KEY"
+            );
+            for s in list.snapshots {
+                println!(
+                    "{:>6}  {:<9}  {:>10}  {:>7}  {:<40}  {}",
+                    s.id,
+                    s.kind,
+                    human_size(s.size),
+                    s.inodes,
+                    s.key,
+                    s.parent
+                );
+            }
+            Ok(())
+        }
+        Command::Info { key, client } => {
+            let channel = ontop::client::connect(&client.address()?).await?;
+            let info = AdminClient::new(channel)
+                .info(InfoRequest { key: key.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))
+                .with_context(|| format!("snapshot {key:?}"))?
+                .into_inner();
+            let s = info.snapshot.unwrap_or_default();
+            print_info(&s, &info.path, &info.chain);
+            Ok(())
+        }
+    }
+}
+
+fn print_info(s: &SnapshotSummary, path: &str, chain: &[SnapshotSummary]) {
+    println!("Key:     {}", s.key);
+    println!("Id:      {}", s.id);
+    println!("Kind:    {}", s.kind);
+    println!("Parent:  {}", s.parent);
+    println!("Path:    {path}");
+    println!("Created: {}", rfc3339(s.created_ns));
+    println!("Updated: {}", rfc3339(s.updated_ns));
+    println!(
+        "Usage:   {} ({} bytes), {} inodes",
+        human_size(s.size),
+        s.size,
+        s.inodes
+    );
+    println!("Labels:");
+    let mut labels: Vec<_> = s.labels.iter().collect();
+    labels.sort();
+    for (k, v) in labels {
+        println!("  {k}={v}");
+    }
+    println!("Chain ({} ancestors, nearest first):", chain.len());
+    for a in chain {
+        println!("  {:>6}  {:>10}  {}", a.id, human_size(a.size), a.key);
+    }
+}
+
+fn human_size(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// UTC RFC 3339 from Unix nanoseconds, without a date-time dependency.
+fn rfc3339(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000_000_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn sizes_read_like_du() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(3 << 30), "3.0 GiB");
+    }
+}

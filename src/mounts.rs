@@ -1,0 +1,206 @@
+//! Pure mount building: from a snapshot's kind and layer dirs to the mount
+//! specs containerd performs. Nothing here touches the filesystem.
+
+use std::path::{Path, PathBuf};
+
+use crate::snapshot::Kind;
+
+/// One mount for containerd to perform, in containerd's `Mount` shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub fstype: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Overlay options decided once at start-up from the kernel and config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverlayOptions {
+    /// `index=off`: set when the kernel has the overlay `index` parameter,
+    /// so that a lower dir reused in another overlay does not fail with
+    /// ESTALE, as containerd's overlay snapshotter does.
+    pub index_off: bool,
+    /// `userxattr`: needed when mounting inside a user namespace, where the
+    /// kernel refuses `trusted.*` xattrs.
+    pub userxattr: bool,
+    /// Extra options from config, for overlay mounts only.
+    pub extra: Vec<String>,
+}
+
+impl OverlayOptions {
+    /// Reads what the running kernel and process need.
+    pub fn detect(extra: Vec<String>) -> OverlayOptions {
+        OverlayOptions {
+            index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
+            userxattr: in_user_namespace(),
+            extra,
+        }
+    }
+}
+
+/// True when this process runs in a user namespace other than the initial
+/// one, which maps the whole 32-bit id range onto itself.
+pub fn in_user_namespace() -> bool {
+    match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => {
+            let fields: Vec<&str> = map.split_whitespace().collect();
+            fields != ["0", "0", "4294967295"]
+        }
+        Err(_) => false,
+    }
+}
+
+/// The directories one snapshot is made of.
+#[derive(Debug, Clone)]
+pub struct Layers {
+    pub kind: Kind,
+    /// The snapshot's own tree (upper dir).
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// The parents' trees, nearest first.
+    pub lowers: Vec<PathBuf>,
+}
+
+/// The mounts for an active snapshot or a view, following containerd's
+/// overlay snapshotter shape for shape.
+pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
+    let readonly = layers.kind == Kind::View;
+    if layers.lowers.is_empty() {
+        // Overlay needs at least one lower dir, and a lone tree needs no
+        // overlay anyway: bind it.
+        return vec![bind(&layers.upper, readonly)];
+    }
+    if readonly && layers.lowers.len() == 1 {
+        // A view of one layer is that layer, read-only.
+        return vec![bind(&layers.lowers[0], true)];
+    }
+    let mut options = Vec::new();
+    if opts.index_off {
+        options.push("index=off".to_string());
+    }
+    if opts.userxattr {
+        options.push("userxattr".to_string());
+    }
+    if !readonly {
+        options.push(format!("workdir={}", layers.work.display()));
+        options.push(format!("upperdir={}", layers.upper.display()));
+    }
+    // Without an upperdir the kernel makes the overlay read-only, which is
+    // what a multi-layer view needs.
+    let lowers: Vec<String> = layers
+        .lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    options.push(format!("lowerdir={}", lowers.join(":")));
+    options.extend(opts.extra.iter().cloned());
+    vec![Mount {
+        fstype: "overlay".into(),
+        source: "overlay".into(),
+        options,
+    }]
+}
+
+fn bind(path: &Path, readonly: bool) -> Mount {
+    Mount {
+        fstype: "bind".into(),
+        source: path.display().to_string(),
+        options: vec![if readonly { "ro" } else { "rw" }.into(), "rbind".into()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers(kind: Kind, parents: &[&str]) -> Layers {
+        Layers {
+            kind,
+            upper: "/r/snapshots/9/fs".into(),
+            work: "/r/snapshots/9/work".into(),
+            lowers: parents.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    fn opts(index_off: bool, userxattr: bool, extra: &[&str]) -> OverlayOptions {
+        OverlayOptions {
+            index_off,
+            userxattr,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn mount(fstype: &str, source: &str, options: &[&str]) -> Mount {
+        Mount {
+            fstype: fstype.into(),
+            source: source.into(),
+            options: options.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn mount_shapes_match_containerds_overlay_snapshotter() {
+        let o = opts(true, false, &["metacopy=off"]);
+        let cases = [
+            (
+                layers(Kind::Active, &[]),
+                mount("bind", "/r/snapshots/9/fs", &["rw", "rbind"]),
+            ),
+            (
+                layers(Kind::View, &[]),
+                mount("bind", "/r/snapshots/9/fs", &["ro", "rbind"]),
+            ),
+            (
+                layers(Kind::View, &["/r/snapshots/1/fs"]),
+                mount("bind", "/r/snapshots/1/fs", &["ro", "rbind"]),
+            ),
+            (
+                layers(Kind::Active, &["/r/snapshots/2/fs", "/r/snapshots/1/fs"]),
+                mount(
+                    "overlay",
+                    "overlay",
+                    &[
+                        "index=off",
+                        "workdir=/r/snapshots/9/work",
+                        "upperdir=/r/snapshots/9/fs",
+                        "lowerdir=/r/snapshots/2/fs:/r/snapshots/1/fs",
+                        "metacopy=off",
+                    ],
+                ),
+            ),
+            (
+                layers(Kind::View, &["/r/snapshots/2/fs", "/r/snapshots/1/fs"]),
+                mount(
+                    "overlay",
+                    "overlay",
+                    &[
+                        "index=off",
+                        "lowerdir=/r/snapshots/2/fs:/r/snapshots/1/fs",
+                        "metacopy=off",
+                    ],
+                ),
+            ),
+        ];
+        for (l, want) in cases {
+            assert_eq!(build(&l, &o), vec![want], "{l:?}");
+        }
+    }
+
+    #[test]
+    fn userxattr_follows_index_and_extra_options_skip_binds() {
+        let o = opts(false, true, &["volatile"]);
+        let m = build(&layers(Kind::Active, &["/l"]), &o);
+        assert_eq!(
+            m[0].options,
+            [
+                "userxattr",
+                "workdir=/r/snapshots/9/work",
+                "upperdir=/r/snapshots/9/fs",
+                "lowerdir=/l",
+                "volatile"
+            ]
+        );
+        let m = build(&layers(Kind::Active, &[]), &o);
+        assert_eq!(m[0].options, ["rw", "rbind"]);
+    }
+}

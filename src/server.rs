@@ -1,0 +1,117 @@
+//! The daemon: opens the core, owns the unix socket, serves both gRPC
+//! services, and shuts down gracefully on SIGTERM or SIGINT.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::admin::v1::admin_server::AdminServer;
+use crate::config::Config;
+use crate::grpc::{AdminService, SnapshotsService};
+use crate::mounts::OverlayOptions;
+use crate::snapshotter::{Options, Snapshotter};
+
+/// Serves until SIGTERM or SIGINT, then stops accepting, lets in-flight
+/// requests finish, closes the database and removes the socket.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // Signals first, so that from here on a TERM is a graceful stop.
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+
+    let overlay = OverlayOptions::detect(config.mount_options.clone());
+    tracing::debug!(?overlay, "overlay options");
+    let opts = Options {
+        root: config.root.clone(),
+        async_remove: config.async_remove,
+        overlay,
+    };
+    let core = tokio::task::spawn_blocking(move || Snapshotter::open(opts))
+        .await
+        .context("opening the snapshotter")??;
+    let core = Arc::new(core);
+
+    let (listener, socket_ino) = bind_socket(&config.address)?;
+    tracing::info!(
+        root = %config.root.display(),
+        address = %config.address.display(),
+        "ontop is serving"
+    );
+
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(SnapshotsService::new(Arc::clone(
+            &core,
+        ))))
+        .add_service(AdminServer::new(AdminService::new(Arc::clone(&core))))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+
+    remove_own_socket(&config.address, socket_ino);
+    // The services are gone with the server: this was the last reference,
+    // so the database closes and the root lock is released here.
+    drop(core);
+    result.context("serving gRPC")?;
+    tracing::info!("ontop stopped");
+    Ok(())
+}
+
+/// Binds the socket at `path` with mode 0660, creating its directory.
+/// A stale socket (nobody answers) is replaced; a live one is never
+/// touched, and neither is anything that is not a socket.
+fn bind_socket(path: &Path) -> anyhow::Result<(UnixListener, u64)> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => bail!(
+                    "{} is in use by a running server; stop it or choose another --address",
+                    path.display()
+                ),
+                Err(_) => {
+                    tracing::info!(socket = %path.display(), "replacing stale socket");
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("removing stale socket {}", path.display()))?;
+                }
+            }
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting mode 0660 on {}", path.display()))?;
+    let ino = std::fs::symlink_metadata(path)?.ino();
+    Ok((listener, ino))
+}
+
+/// Removes the socket unless someone else has replaced it meanwhile.
+fn remove_own_socket(path: &Path, ino: u64) {
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.ino() == ino => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(socket = %path.display(), error = %e, "could not remove socket");
+            }
+        }
+        _ => {}
+    }
+}

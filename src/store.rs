@@ -1,0 +1,560 @@
+//! The SQLite metadata store: schema, migrations and every query.
+//!
+//! It knows snapshots, their parent links, labels and frozen usage. It knows
+//! nothing about directories or mounts: the snapshotter orchestrates those
+//! around the transactions this module hands out.
+//!
+//! One writer connection serialises mutations; a separate reader connection
+//! serves Stat, Mounts and List from WAL snapshots without waiting on writers.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use crate::error::{Error, Result};
+use crate::snapshot::{Id, Kind, Labels, Snapshot, Timestamp, Usage};
+
+/// Schema migrations, applied in order. `PRAGMA user_version` records how
+/// many have run. Never edit one that has shipped: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: snapshots and labels.
+    //
+    // AUTOINCREMENT, not plain rowid: containerd reuses keys right after
+    // Remove, and a reused id would collide with a directory that async
+    // removal has not reclaimed yet.
+    //
+    // parent_id has no ON DELETE action, so SQLite itself refuses to orphan
+    // a child even if a caller forgets to check.
+    "CREATE TABLE snapshots (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        key        TEXT    NOT NULL UNIQUE,
+        kind       INTEGER NOT NULL CHECK (kind IN (1, 2, 3)),
+        parent_id  INTEGER REFERENCES snapshots(id),
+        created_ns INTEGER NOT NULL,
+        updated_ns INTEGER NOT NULL,
+        size       INTEGER NOT NULL DEFAULT 0,
+        inodes     INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX snapshots_parent ON snapshots(parent_id);
+    CREATE TABLE labels (
+        snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+        key         TEXT    NOT NULL,
+        value       TEXT    NOT NULL CHECK (value <> ''),
+        PRIMARY KEY (snapshot_id, key)
+    ) WITHOUT ROWID;",
+];
+
+/// A snapshot row without its labels: what the hot paths need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: Id,
+    pub kind: Kind,
+    pub key: String,
+    pub parent_id: Option<Id>,
+    pub parent: String,
+    pub created: Timestamp,
+    pub updated: Timestamp,
+    pub usage: Usage,
+}
+
+impl Record {
+    pub fn into_snapshot(self, labels: Labels) -> Snapshot {
+        Snapshot {
+            id: self.id,
+            kind: self.kind,
+            key: self.key,
+            parent: self.parent,
+            labels,
+            created: self.created,
+            updated: self.updated,
+        }
+    }
+}
+
+pub struct Store {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> anyhow::Result<Store> {
+        let writer = open_connection(path)?;
+        migrate(&writer).with_context(|| format!("migrating {}", path.display()))?;
+        let reader = open_connection(path)?;
+        Ok(Store {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// Runs `PRAGMA quick_check`, failing with what SQLite reported.
+    pub fn quick_check(&self) -> anyhow::Result<()> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare("PRAGMA quick_check")?;
+        let problems: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if problems != ["ok"] {
+            anyhow::bail!("database integrity check failed: {}", problems.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` inside one IMMEDIATE write transaction. It commits when `f`
+    /// returns Ok and rolls back otherwise, so the caller can undo its
+    /// filesystem side on any error this returns.
+    pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self
+            .writer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("metadata writer lock poisoned"))?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&Tx(&tx))?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` on a consistent read snapshot of the database.
+    pub fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.reader()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        f(&Tx(&tx))
+    }
+
+    fn reader(&self) -> anyhow::Result<MutexGuard<'_, Connection>> {
+        self.reader
+            .lock()
+            .map_err(|_| anyhow::anyhow!("metadata reader lock poisoned"))
+    }
+}
+
+fn open_connection(path: &Path) -> anyhow::Result<Connection> {
+    let conn =
+        Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    // WAL lets the reader run beside the writer; FULL makes every
+    // acknowledged RPC survive power loss, as containerd's bolt store does.
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    anyhow::ensure!(
+        mode.eq_ignore_ascii_case("wal"),
+        "database {} refused WAL mode (got {mode})",
+        path.display()
+    );
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+    Ok(conn)
+}
+
+/// Brings the schema up to date, one migration per transaction.
+fn migrate(conn: &Connection) -> anyhow::Result<()> {
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    anyhow::ensure!(
+        version <= MIGRATIONS.len(),
+        "database schema version {version} is newer than this ontop understands ({})",
+        MIGRATIONS.len()
+    );
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("migration {}", i + 1))?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// A transaction, read or write, with the queries ontop needs.
+pub struct Tx<'a>(&'a Transaction<'a>);
+
+const RECORD_COLUMNS: &str = "s.id, s.kind, s.key, s.parent_id, COALESCE(p.key, ''),
+     s.created_ns, s.updated_ns, s.size, s.inodes
+     FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id";
+
+fn record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    let kind: i64 = r.get(1)?;
+    Ok(Record {
+        id: r.get(0)?,
+        kind: Kind::from_i64(kind).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                1,
+                rusqlite::types::Type::Integer,
+                format!("unknown snapshot kind {kind}").into(),
+            )
+        })?,
+        key: r.get(2)?,
+        parent_id: r.get(3)?,
+        parent: r.get(4)?,
+        created: Timestamp(r.get(5)?),
+        updated: Timestamp(r.get(6)?),
+        usage: Usage {
+            size: r.get(7)?,
+            inodes: r.get(8)?,
+        },
+    })
+}
+
+impl Tx<'_> {
+    /// The record for `key`, or None.
+    pub fn record(&self, key: &str) -> Result<Option<Record>> {
+        let mut stmt = self
+            .0
+            .prepare_cached(&format!("SELECT {RECORD_COLUMNS} WHERE s.key = ?1"))?;
+        Ok(stmt.query_row([key], record_from_row).optional()?)
+    }
+
+    pub fn record_by_id(&self, id: Id) -> Result<Option<Record>> {
+        let mut stmt = self
+            .0
+            .prepare_cached(&format!("SELECT {RECORD_COLUMNS} WHERE s.id = ?1"))?;
+        Ok(stmt.query_row([id], record_from_row).optional()?)
+    }
+
+    /// The record for `key`, or NotFound naming it.
+    pub fn require(&self, key: &str) -> Result<Record> {
+        self.record(key)?
+            .ok_or_else(|| Error::not_found(format!("snapshot {key:?} does not exist")))
+    }
+
+    pub fn labels(&self, id: Id) -> Result<Labels> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT key, value FROM labels WHERE snapshot_id = ?1")?;
+        let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The snapshot for `key` with its labels, or NotFound.
+    pub fn snapshot(&self, key: &str) -> Result<Snapshot> {
+        let rec = self.require(key)?;
+        let labels = self.labels(rec.id)?;
+        Ok(rec.into_snapshot(labels))
+    }
+
+    /// Ids of every ancestor of `id`, nearest first, in one recursive query.
+    pub fn ancestors(&self, id: Id) -> Result<Vec<Id>> {
+        let mut stmt = self.0.prepare_cached(
+            "WITH RECURSIVE chain(id, parent_id, depth) AS (
+                 SELECT id, parent_id, 0 FROM snapshots WHERE id = ?1
+                 UNION ALL
+                 SELECT s.id, s.parent_id, c.depth + 1
+                 FROM snapshots s JOIN chain c ON s.id = c.parent_id
+             )
+             SELECT id FROM chain WHERE depth > 0 ORDER BY depth",
+        )?;
+        let rows = stmt.query_map([id], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn has_children(&self, id: Id) -> Result<bool> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM snapshots WHERE parent_id = ?1)")?;
+        Ok(stmt.query_row([id], |r| r.get(0))?)
+    }
+
+    /// Inserts a new snapshot; `created == updated == now`. The caller has
+    /// already checked that the key is free and the parent committed.
+    pub fn insert(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent_id: Option<Id>,
+        labels: &Labels,
+        now: Timestamp,
+    ) -> Result<Id> {
+        let mut stmt = self.0.prepare_cached(
+            "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns)
+             VALUES (?1, ?2, ?3, ?4, ?4)",
+        )?;
+        stmt.execute(params![key, kind as i64, parent_id, now.0])?;
+        let id = self.0.last_insert_rowid();
+        self.insert_labels(id, labels)?;
+        Ok(id)
+    }
+
+    /// Turns active snapshot `id` into committed snapshot `name`: new key,
+    /// only the given labels, usage frozen, created and updated set to now.
+    pub fn commit(
+        &self,
+        id: Id,
+        name: &str,
+        labels: &Labels,
+        usage: Usage,
+        now: Timestamp,
+    ) -> Result<()> {
+        let mut stmt = self.0.prepare_cached(
+            "UPDATE snapshots SET key = ?2, kind = ?3, created_ns = ?4, updated_ns = ?4,
+                 size = ?5, inodes = ?6
+             WHERE id = ?1",
+        )?;
+        stmt.execute(params![
+            id,
+            name,
+            Kind::Committed as i64,
+            now.0,
+            usage.size,
+            usage.inodes
+        ])?;
+        self.replace_labels(id, labels)
+    }
+
+    /// Replaces all labels of `id` and stamps `updated`.
+    pub fn update_labels(&self, id: Id, labels: &Labels, now: Timestamp) -> Result<()> {
+        let mut stmt = self
+            .0
+            .prepare_cached("UPDATE snapshots SET updated_ns = ?2 WHERE id = ?1")?;
+        stmt.execute(params![id, now.0])?;
+        self.replace_labels(id, labels)
+    }
+
+    pub fn delete(&self, id: Id) -> Result<()> {
+        let mut stmt = self
+            .0
+            .prepare_cached("DELETE FROM snapshots WHERE id = ?1")?;
+        stmt.execute([id])?;
+        Ok(())
+    }
+
+    /// Every snapshot record with its labels, in id order (oldest first):
+    /// two queries whatever the count.
+    pub fn all(&self) -> Result<Vec<(Record, Labels)>> {
+        let mut labels: HashMap<Id, Labels> = HashMap::new();
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT snapshot_id, key, value FROM labels")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            labels
+                .entry(r.get(0)?)
+                .or_default()
+                .insert(r.get(1)?, r.get(2)?);
+        }
+        Ok(self
+            .all_records()?
+            .into_iter()
+            .map(|rec| {
+                let l = labels.remove(&rec.id).unwrap_or_default();
+                (rec, l)
+            })
+            .collect())
+    }
+
+    /// Every record without labels, in id order.
+    fn all_records(&self) -> Result<Vec<Record>> {
+        let mut stmt = self
+            .0
+            .prepare_cached(&format!("SELECT {RECORD_COLUMNS} ORDER BY s.id"))?;
+        let rows = stmt.query_map([], record_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The ids the database knows, for reconciling with the disk.
+    pub fn ids(&self) -> Result<HashSet<Id>> {
+        let mut stmt = self.0.prepare_cached("SELECT id FROM snapshots")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn replace_labels(&self, id: Id, labels: &Labels) -> Result<()> {
+        let mut stmt = self
+            .0
+            .prepare_cached("DELETE FROM labels WHERE snapshot_id = ?1")?;
+        stmt.execute([id])?;
+        self.insert_labels(id, labels)
+    }
+
+    fn insert_labels(&self, id: Id, labels: &Labels) -> Result<()> {
+        let mut stmt = self
+            .0
+            .prepare_cached("INSERT INTO labels (snapshot_id, key, value) VALUES (?1, ?2, ?3)")?;
+        // Empty values mean "unset" in containerd and are never stored.
+        for (k, v) in labels.iter().filter(|(_, v)| !v.is_empty()) {
+            stmt.execute(params![id, k, v])?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("metadata.db")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn migrations_run_from_an_empty_database_and_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.db");
+        drop(Store::open(&path).unwrap());
+        let store = Store::open(&path).unwrap();
+        let conn = store.reader().unwrap();
+        let version: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let fk: i64 = conn
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(fk, 1);
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL");
+        drop(conn);
+        store.quick_check().unwrap();
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Store::open(&path).err().unwrap();
+        assert!(format!("{err:#}").contains("newer"), "{err:#}");
+    }
+
+    #[test]
+    fn ids_are_never_reused_after_delete() {
+        let (_d, store) = open();
+        let now = Timestamp::now();
+        let a = store
+            .write(|tx| tx.insert(Kind::Active, "a", None, &Labels::new(), now))
+            .unwrap();
+        store.write(|tx| tx.delete(a)).unwrap();
+        let b = store
+            .write(|tx| tx.insert(Kind::Active, "a", None, &Labels::new(), now))
+            .unwrap();
+        assert!(b > a, "id {b} must be newer than removed id {a}");
+    }
+
+    #[test]
+    fn ancestors_come_nearest_first() {
+        let (_d, store) = open();
+        let now = Timestamp::now();
+        let (c1, c2, c3) = store
+            .write(|tx| {
+                let c1 = tx.insert(Kind::Committed, "c1", None, &Labels::new(), now)?;
+                let c2 = tx.insert(Kind::Committed, "c2", Some(c1), &Labels::new(), now)?;
+                let c3 = tx.insert(Kind::Active, "c3", Some(c2), &Labels::new(), now)?;
+                Ok((c1, c2, c3))
+            })
+            .unwrap();
+        let chain = store.read(|tx| tx.ancestors(c3)).unwrap();
+        assert_eq!(chain, vec![c2, c1]);
+        assert_eq!(store.read(|tx| tx.ancestors(c1)).unwrap(), Vec::<Id>::new());
+        let rec = store.read(|tx| tx.require("c3")).unwrap();
+        assert_eq!(rec.parent, "c2");
+        assert!(store.read(|tx| tx.has_children(c2)).unwrap());
+        assert!(!store.read(|tx| tx.has_children(c3)).unwrap());
+    }
+
+    #[test]
+    fn the_schema_refuses_to_orphan_a_child() {
+        let (_d, store) = open();
+        let now = Timestamp::now();
+        let p = store
+            .write(|tx| {
+                let p = tx.insert(Kind::Committed, "p", None, &Labels::new(), now)?;
+                tx.insert(Kind::Active, "c", Some(p), &Labels::new(), now)?;
+                Ok(p)
+            })
+            .unwrap();
+        assert!(store.write(|tx| tx.delete(p)).is_err());
+        assert!(store.read(|tx| tx.record("p")).unwrap().is_some());
+    }
+
+    #[test]
+    fn empty_label_values_are_never_stored() {
+        let (_d, store) = open();
+        let now = Timestamp::now();
+        let id = store
+            .write(|tx| {
+                tx.insert(
+                    Kind::Active,
+                    "a",
+                    None,
+                    &labels(&[("keep", "1"), ("drop", "")]),
+                    now,
+                )
+            })
+            .unwrap();
+        assert_eq!(
+            store.read(|tx| tx.labels(id)).unwrap(),
+            labels(&[("keep", "1")])
+        );
+    }
+
+    #[test]
+    fn commit_renames_freezes_usage_and_replaces_labels() {
+        let (_d, store) = open();
+        let t0 = Timestamp(1);
+        let id = store
+            .write(|tx| tx.insert(Kind::Active, "a", None, &labels(&[("old", "1")]), t0))
+            .unwrap();
+        let usage = Usage {
+            size: 4096,
+            inodes: 3,
+        };
+        store
+            .write(|tx| tx.commit(id, "c", &labels(&[("new", "2")]), usage, Timestamp(5)))
+            .unwrap();
+        let snap = store.read(|tx| tx.snapshot("c")).unwrap();
+        assert_eq!(snap.id, id);
+        assert_eq!(snap.kind, Kind::Committed);
+        assert_eq!(snap.labels, labels(&[("new", "2")]));
+        assert_eq!((snap.created, snap.updated), (Timestamp(5), Timestamp(5)));
+        assert_eq!(store.read(|tx| tx.require("c")).unwrap().usage, usage);
+        assert!(store.read(|tx| tx.record("a")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_failed_write_rolls_back_everything() {
+        let (_d, store) = open();
+        let res: Result<()> = store.write(|tx| {
+            tx.insert(Kind::Active, "a", None, &Labels::new(), Timestamp::now())?;
+            Err(Error::invalid_argument("boom"))
+        });
+        assert!(res.is_err());
+        assert!(store.read(|tx| tx.record("a")).unwrap().is_none());
+    }
+
+    #[test]
+    fn all_returns_labels_with_each_snapshot() {
+        let (_d, store) = open();
+        let now = Timestamp::now();
+        store
+            .write(|tx| {
+                tx.insert(Kind::Active, "a", None, &labels(&[("x", "1")]), now)?;
+                tx.insert(Kind::View, "b", None, &Labels::new(), now)?;
+                Ok(())
+            })
+            .unwrap();
+        let all = store.read(|tx| tx.all()).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].0.key, "a");
+        assert_eq!(all[0].1, labels(&[("x", "1")]));
+        assert!(all[1].1.is_empty());
+    }
+}
