@@ -1,0 +1,471 @@
+//! The shared harness: starts the real `ontop serve` binary on a temporary
+//! root and socket, hands out gRPC clients, mounts what the daemon returns
+//! the way containerd does, and unmounts everything even when a test fails.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ontop::admin::v1::admin_client::AdminClient;
+use ontop::containerd_api::snapshots::v1::{self as api, snapshots_client::SnapshotsClient};
+use ontop::containerd_api::types::Mount;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ontop");
+
+/// Fails the test with a clear reason when it is not run as root: mount
+/// tests must run, never skip.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "these tests mount overlay and bind filesystems and must run as root"
+    );
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub async fn start() -> Daemon {
+        Daemon::start_with_config("").await
+    }
+
+    /// Starts a daemon whose config file holds `config` (TOML).
+    pub async fn start_with_config(config: &str) -> Daemon {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("ontop-test-")
+            .tempdir()
+            .expect("creating test dir");
+        let root = dir.path().join("root");
+        let socket = dir.path().join("run/ontop.sock");
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let mut d = Daemon {
+            log: dir.path().join("daemon.log"),
+            dir,
+            root,
+            socket,
+            child: None,
+        };
+        d.spawn().await;
+        d
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "serve".into(),
+            "--config".into(),
+            self.dir.path().join("config.toml").display().to_string(),
+            "--root".into(),
+            self.root.display().to_string(),
+            "--address".into(),
+            self.socket.display().to_string(),
+            "--log-level".into(),
+            "debug".into(),
+        ]
+    }
+
+    /// Starts the binary and waits until the socket answers gRPC.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(self.args())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting ontop serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("ontop serve exited with {status}:\n{}", self.log());
+            }
+            if self.socket.exists() && ontop::client::connect(&self.socket).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ontop serve did not answer within 10s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ontop serve ignored SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash, with no chance to clean up.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub async fn client(&self) -> Client {
+        let channel = ontop::client::connect(&self.socket).await.unwrap();
+        Client {
+            inner: SnapshotsClient::new(channel),
+        }
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(ontop::client::connect(&self.socket).await.unwrap())
+    }
+
+    /// A fresh directory to mount on.
+    pub fn mountpoint(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join("mnt").join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// Directories under `snapshots/` on disk.
+    pub fn snapshot_dirs(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.root.join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        unmount_under(self.dir.path());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Lazily unmounts every mount below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut targets: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|t| Path::new(t).starts_with(dir))
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for t in targets {
+        let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A Snapshots client with the calls tests make, returning `tonic::Status`.
+#[derive(Clone)]
+pub struct Client {
+    pub inner: SnapshotsClient<Channel>,
+}
+
+pub type Rpc<T> = Result<T, tonic::Status>;
+
+pub fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl Client {
+    pub async fn prepare(&mut self, key: &str, parent: &str) -> Rpc<Vec<Mount>> {
+        self.prepare_with(key, parent, HashMap::new()).await
+    }
+
+    pub async fn prepare_with(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Rpc<Vec<Mount>> {
+        let r = self
+            .inner
+            .prepare(api::PrepareSnapshotRequest {
+                snapshotter: "ontop".into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels,
+            })
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    pub async fn view(&mut self, key: &str, parent: &str) -> Rpc<Vec<Mount>> {
+        let r = self
+            .inner
+            .view(api::ViewSnapshotRequest {
+                snapshotter: "ontop".into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels: HashMap::new(),
+            })
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    pub async fn mounts(&mut self, key: &str) -> Rpc<Vec<Mount>> {
+        let r = self
+            .inner
+            .mounts(api::MountsRequest {
+                snapshotter: "ontop".into(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    pub async fn commit(&mut self, name: &str, key: &str) -> Rpc<()> {
+        self.commit_with(name, key, HashMap::new()).await
+    }
+
+    pub async fn commit_with(
+        &mut self,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Rpc<()> {
+        self.inner
+            .commit(api::CommitSnapshotRequest {
+                snapshotter: "ontop".into(),
+                name: name.into(),
+                key: key.into(),
+                labels,
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn remove(&mut self, key: &str) -> Rpc<()> {
+        self.inner
+            .remove(api::RemoveSnapshotRequest {
+                snapshotter: "ontop".into(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn stat(&mut self, key: &str) -> Rpc<api::Info> {
+        let r = self
+            .inner
+            .stat(api::StatSnapshotRequest {
+                snapshotter: "ontop".into(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(r.into_inner().info.expect("stat returns info"))
+    }
+
+    pub async fn update(&mut self, info: api::Info, paths: &[&str]) -> Rpc<api::Info> {
+        let update_mask = (!paths.is_empty()).then(|| prost_types::FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        });
+        let r = self
+            .inner
+            .update(api::UpdateSnapshotRequest {
+                snapshotter: "ontop".into(),
+                info: Some(info),
+                update_mask,
+            })
+            .await?;
+        Ok(r.into_inner().info.expect("update returns info"))
+    }
+
+    /// Names matching `filters`, sorted, plus the sizes of the streamed batches.
+    pub async fn list_batches(&mut self, filters: &[&str]) -> Rpc<(Vec<api::Info>, Vec<usize>)> {
+        let mut stream = self
+            .inner
+            .list(api::ListSnapshotsRequest {
+                snapshotter: "ontop".into(),
+                filters: filters.iter().map(|f| f.to_string()).collect(),
+            })
+            .await?
+            .into_inner();
+        let mut infos = Vec::new();
+        let mut batches = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            batches.push(msg.info.len());
+            infos.extend(msg.info);
+        }
+        Ok((infos, batches))
+    }
+
+    pub async fn list(&mut self, filters: &[&str]) -> Rpc<Vec<String>> {
+        let (infos, _) = self.list_batches(filters).await?;
+        let mut names: Vec<String> = infos.into_iter().map(|i| i.name).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub async fn usage(&mut self, key: &str) -> Rpc<(i64, i64)> {
+        let r = self
+            .inner
+            .usage(api::UsageRequest {
+                snapshotter: "ontop".into(),
+                key: key.into(),
+            })
+            .await?
+            .into_inner();
+        Ok((r.size, r.inodes))
+    }
+
+    pub async fn cleanup(&mut self) -> Rpc<()> {
+        self.inner
+            .cleanup(api::CleanupRequest {
+                snapshotter: "ontop".into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Prepares `key` on `parent`, writes `files` (path, content) into it
+    /// through a real mount, unmounts and commits it as `name`.
+    pub async fn layer(&mut self, d: &Daemon, name: &str, parent: &str, apply: impl FnOnce(&Path)) {
+        let key = format!("{name}-active");
+        let mounts = self.prepare(&key, parent).await.unwrap();
+        let target = d.mountpoint(&key);
+        mount_all(&mounts, &target);
+        apply(&target);
+        unmount(&target);
+        self.commit(name, &key).await.unwrap();
+    }
+}
+
+/// The gRPC code of a result, for error-table assertions.
+pub fn code<T: std::fmt::Debug>(r: Rpc<T>) -> tonic::Code {
+    match r {
+        Ok(v) => panic!("expected an error, got Ok({v:?})"),
+        Err(s) => s.code(),
+    }
+}
+
+/// Performs mounts as containerd's mount package does, including its
+/// compaction of long lowerdir lists: it runs the mount from the lower
+/// dirs' longest common parent with relative paths, so the option string
+/// stays under a page.
+pub fn mount_all(mounts: &[Mount], target: &Path) {
+    for m in mounts {
+        mount_one(m, target);
+    }
+}
+
+fn mount_one(m: &Mount, target: &Path) {
+    match m.r#type.as_str() {
+        "bind" => {
+            use nix::mount::MsFlags;
+            let ro = m.options.iter().any(|o| o == "ro");
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+            nix::mount::mount(
+                Some(m.source.as_str()),
+                target,
+                None::<&str>,
+                flags,
+                None::<&str>,
+            )
+            .unwrap_or_else(|e| panic!("bind mount {m:?}: {e}"));
+            if ro {
+                nix::mount::mount(
+                    None::<&str>,
+                    target,
+                    None::<&str>,
+                    flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None::<&str>,
+                )
+                .unwrap_or_else(|e| panic!("read-only remount {m:?}: {e}"));
+            }
+        }
+        "overlay" => {
+            let (cwd, options) = compact_lowerdir(&m.options);
+            let out = Command::new("mount")
+                .current_dir(&cwd)
+                .args(["-t", "overlay", &m.source, "-o", &options.join(",")])
+                .arg(target)
+                .output()
+                .expect("running mount");
+            assert!(
+                out.status.success(),
+                "mount {m:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        other => panic!("unexpected mount type {other}"),
+    }
+}
+
+/// containerd's `compactLowerdirOption`: the longest common parent of the
+/// lower dirs and the options rewritten relative to it.
+fn compact_lowerdir(options: &[String]) -> (PathBuf, Vec<String>) {
+    let Some(i) = options.iter().position(|o| o.starts_with("lowerdir=")) else {
+        return ("/".into(), options.to_vec());
+    };
+    let lowers: Vec<&str> = options[i]["lowerdir=".len()..].split(':').collect();
+    if lowers.len() < 2 {
+        return ("/".into(), options.to_vec());
+    }
+    let mut common = PathBuf::from(lowers[0]);
+    while !lowers.iter().all(|l| Path::new(l).starts_with(&common)) {
+        common = common.parent().unwrap().to_path_buf();
+    }
+    let rel: Vec<String> = lowers
+        .iter()
+        .map(|l| {
+            Path::new(l)
+                .strip_prefix(&common)
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    let mut out = options.to_vec();
+    out[i] = format!("lowerdir={}", rel.join(":"));
+    (common, out)
+}
+
+pub fn unmount(target: &Path) {
+    nix::mount::umount2(target, nix::mount::MntFlags::empty())
+        .unwrap_or_else(|e| panic!("unmounting {}: {e}", target.display()));
+}
