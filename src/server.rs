@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
@@ -17,6 +18,11 @@ use crate::config::Config;
 use crate::grpc::{AdminService, SnapshotsService};
 use crate::mounts::OverlayOptions;
 use crate::snapshotter::{Options, Snapshotter};
+
+/// How long a stop waits for clients to finish and hang up. Requests
+/// already running in the core complete even past it: the runtime waits
+/// for its blocking tasks before the process exits.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves until SIGTERM or SIGINT, then stops accepting, lets in-flight
 /// requests finish, closes the database and removes the socket.
@@ -44,19 +50,41 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "ontop is serving"
     );
 
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-    };
-    let result = tonic::transport::Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(SnapshotsService::new(Arc::clone(
             &core,
         ))))
         .add_service(AdminServer::new(AdminService::new(Arc::clone(&core))))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+    let signal = async {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    };
+    let result = tokio::select! {
+        result = &mut server => result,
+        name = signal => {
+            tracing::info!("{name}: shutting down");
+            let _ = stop_tx.send(());
+            // Graceful shutdown waits for clients to hang up; one that
+            // never does must not block a stop forever.
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        "clients still connected {}s after shutdown began; closing their connections",
+                        SHUTDOWN_GRACE.as_secs()
+                    );
+                    Ok(())
+                }
+            }
+        }
+    };
 
     remove_own_socket(&config.address, socket_ino);
     // The services are gone with the server: this was the last reference,

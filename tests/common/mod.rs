@@ -105,12 +105,15 @@ impl Daemon {
         }
     }
 
-    /// Sends SIGTERM and waits for a clean exit.
-    pub fn stop(&mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM and waits for a clean exit, keeping the test's own
+    /// runtime running so its client connections answer the server's
+    /// goodbye as a real client would.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Past the daemon's own 10 s grace for clients that never hang up.
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
@@ -119,7 +122,7 @@ impl Daemon {
                 let _ = child.kill();
                 panic!("ontop serve ignored SIGTERM:\n{}", self.log());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -131,7 +134,7 @@ impl Daemon {
     }
 
     pub async fn restart(&mut self) {
-        self.stop();
+        self.stop().await;
         self.spawn().await;
     }
 
