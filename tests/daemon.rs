@@ -237,12 +237,9 @@ async fn concurrent_clients_get_answers_and_leave_a_consistent_state() {
             let mut committed = Vec::new();
             for i in 0..20 {
                 // Every task also fights over one shared key.
-                let shared = c.prepare("shared", "").await;
-                if shared.is_ok() {
-                    c.remove("shared").await.unwrap();
-                } else {
-                    let s = shared.unwrap_err();
-                    assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
+                match c.prepare("shared", "").await {
+                    Ok(_) => c.remove("shared").await.unwrap(),
+                    Err(s) => assert_eq!(s.code(), Code::AlreadyExists, "{s:?}"),
                 }
                 let key = format!("t{t}-{i}");
                 c.prepare(&key, "").await.unwrap();

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Quick start 2: install what the tests need and run the whole suite:
+# formatting, clippy, unit tests, and integration tests that start the real
+# daemon and mount real overlay filesystems (so it must run as root).
+source "$(dirname "$0")/lib.sh"
+require_root
+install_build_deps
+apt_install util-linux
+require_overlayfs
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 || die "clippy is missing: rustup component add clippy"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --locked --all-targets
