@@ -5,7 +5,9 @@
 source "$(dirname "$0")/lib.sh"
 require_root
 install_build_deps
-apt_install util-linux
+# The containerd suite runs Debian's containerd and runc, and builds its
+# test image from busybox-static.
+apt_install util-linux containerd runc busybox-static tar coreutils
 require_overlayfs
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
 cargo clippy --version >/dev/null 2>&1 || die "clippy is missing: rustup component add clippy"

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod containerd;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};

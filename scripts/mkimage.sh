@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Builds a small three-layer OCI image archive offline, from Debian's
+# busybox-static, for `ctr images import`. Its layers exercise what a
+# snapshotter must get right when it stacks layers:
+#
+#   layer 1  busybox and its applets; files and dirs to change later
+#   layer 2  an added file, a whiteout (deleted file), an opaque
+#            (replaced) directory, a mode change and an owner change
+#   layer 3  a hard link, a relative and an absolute symlink
+#
+# Usage: mkimage.sh OUT.tar [IMAGE-NAME]
+# The expected view from inside a container is in tests/containerd.rs.
+set -euo pipefail
+
+out=${1:?usage: mkimage.sh OUT.tar [IMAGE-NAME]}
+name=${2:-docker.io/ontop/e2e:latest}
+busybox=$(command -v busybox || true)
+[ -n "$busybox" ] || { echo "mkimage: busybox is missing (apt-get install busybox-static)" >&2; exit 1; }
+# The image has no libc, so busybox must be the static build.
+{ ldd "$busybox" 2>&1 || true; } | grep -q 'not a dynamic' \
+  || { echo "mkimage: $busybox is not statically linked; install busybox-static" >&2; exit 1; }
+
+case "$(uname -m)" in
+  x86_64) arch=amd64 ;;
+  aarch64) arch=arm64 ;;
+  *) arch=$(uname -m) ;;
+esac
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/layout/blobs/sha256"
+
+# Adds a file to the layout's blob store and prints "<digest> <size>".
+blob() {
+  local d s
+  d=$(sha256sum "$1" | cut -d' ' -f1)
+  s=$(stat -c %s "$1")
+  cp "$1" "$work/layout/blobs/sha256/$d"
+  echo "$d $s"
+}
+
+# Tars a staged layer directory, reproducibly, with numeric owners.
+layer_tar() {
+  (cd "$1" && tar --create --format=gnu --numeric-owner --sort=name --mtime=@0 \
+    --file "$2" $(ls -A))
+}
+
+# Layer 1: busybox, its applets, and the files later layers change.
+l1=$work/l1
+mkdir -p "$l1"/{bin,etc,data,olddir,modes,owner,tmp}
+chmod 1777 "$l1/tmp"
+cp "$busybox" "$l1/bin/busybox"
+for applet in $("$busybox" --list); do
+  [ "$applet" = busybox ] || ln -s busybox "$l1/bin/$applet"
+done
+echo 'root:x:0:0:root:/root:/bin/sh' > "$l1/etc/passwd"
+echo 'root:x:0:' > "$l1/etc/group"
+echo keep > "$l1/data/keep.txt"
+echo gone > "$l1/data/delete-me.txt"
+echo a > "$l1/olddir/a"
+echo b > "$l1/olddir/b"
+echo mode > "$l1/modes/file"
+chmod 0644 "$l1/modes/file"
+echo owner > "$l1/owner/file"
+
+# Layer 2: add, delete, replace a directory, change a mode and an owner.
+l2=$work/l2
+mkdir -p "$l2"/{added,data,olddir,modes,owner}
+echo "new in layer 2" > "$l2/added/new.txt"
+: > "$l2/data/.wh.delete-me.txt"
+: > "$l2/olddir/.wh..wh..opq"
+echo c > "$l2/olddir/c"
+echo mode > "$l2/modes/file"
+chmod 0600 "$l2/modes/file"
+echo owner > "$l2/owner/file"
+chown 1000:1000 "$l2/owner/file"
+
+# Layer 3: a hard link and two symlinks.
+l3=$work/l3
+mkdir -p "$l3/links"
+echo "linked content" > "$l3/links/target"
+ln "$l3/links/target" "$l3/links/hard"
+ln -s target "$l3/links/sym"
+ln -s /data/keep.txt "$l3/links/abs"
+
+diff_ids=()
+layers=()
+for l in "$l1" "$l2" "$l3"; do
+  layer_tar "$l" "$l.tar"
+  read -r d s < <(blob "$l.tar")
+  diff_ids+=("\"sha256:$d\"")
+  layers+=("{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\"digest\":\"sha256:$d\",\"size\":$s}")
+done
+
+join() { local IFS=,; echo "$*"; }
+
+cat > "$work/config.json" <<EOF
+{"architecture":"$arch","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["/bin/sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":[$(join "${diff_ids[@]}")]}}
+EOF
+read -r cd cs < <(blob "$work/config.json")
+
+cat > "$work/manifest.json" <<EOF
+{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:$cd","size":$cs},"layers":[$(join "${layers[@]}")]}
+EOF
+read -r md ms < <(blob "$work/manifest.json")
+
+cat > "$work/layout/index.json" <<EOF
+{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:$md","size":$ms,"platform":{"architecture":"$arch","os":"linux"},"annotations":{"io.containerd.image.name":"$name","org.opencontainers.image.ref.name":"${name##*:}"}}]}
+EOF
+echo '{"imageLayoutVersion":"1.0.0"}' > "$work/layout/oci-layout"
+
+(cd "$work/layout" && tar --create --format=gnu --sort=name --mtime=@0 --file - oci-layout index.json blobs) > "$out"
+echo "$name"

@@ -1,0 +1,237 @@
+//! A real, isolated containerd from Debian's packages, wired to a test's
+//! ontop through `[proxy_plugins]`. It has its own root, state, sockets and
+//! config, so it runs beside any containerd already on the machine.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::Daemon;
+
+/// The namespace tests work in; containerd prefixes every key with it.
+pub const NS: &str = "ontop-test";
+pub const IMAGE: &str = "docker.io/ontop/e2e:latest";
+
+/// Fails with the reason when containerd's tools are missing: these tests
+/// must run, never skip. `scripts/test.sh` installs them.
+pub fn require_containerd() {
+    for tool in [
+        "containerd",
+        "ctr",
+        "runc",
+        "containerd-shim-runc-v2",
+        "busybox",
+    ] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        assert!(
+            found,
+            "{tool} is not installed: the containerd suite needs Debian's containerd, runc \
+             and busybox-static (scripts/test.sh installs them)"
+        );
+    }
+}
+
+/// The three-layer test image, built once per test binary by
+/// `scripts/mkimage.sh` into cargo's scratch dir for tests.
+pub fn image_archive() -> &'static Path {
+    static IMAGE_TAR: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE_TAR.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-image.tar");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkimage.sh");
+        let res = Command::new("bash")
+            .arg(&script)
+            .arg(&out)
+            .arg(IMAGE)
+            .output()
+            .expect("running mkimage.sh");
+        assert!(
+            res.status.success(),
+            "mkimage.sh failed: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        out
+    })
+}
+
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Starts containerd with ontop as proxy snapshotter `ontop`, and a
+    /// garbage collector that runs right after every deletion.
+    pub async fn start(ontop: &Daemon) -> Containerd {
+        require_containerd();
+        let dir = ontop.dir.path().join("ctd");
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("containerd.sock");
+        let d = dir.display();
+        let config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+[plugins."io.containerd.gc.v1.scheduler"]
+  pause_threshold = 0.02
+  deletion_threshold = 0
+  mutation_threshold = 100
+  schedule_delay = "0s"
+  startup_delay = "100ms"
+[proxy_plugins.ontop]
+  type = "snapshot"
+  address = "{}"
+"#,
+            ontop.socket.display()
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let log = dir.join("containerd.log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting containerd");
+        let mut c = Containerd {
+            dir,
+            socket,
+            log,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("containerd exited with {status}:\n{}", c.log());
+            }
+            if c.ctr(&["version"]).status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not answer in 20s:\n{}",
+                c.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `ctr` against this containerd in the test namespace.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", NS])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ctr")
+    }
+
+    /// Runs `ctr`, fails the test unless it succeeds, returns its stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed: {}{}\n--- containerd log tail:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ctr snapshots --snapshotter ontop ARGS`.
+    pub fn snapshots(&self, args: &[&str]) -> String {
+        let mut all = vec!["snapshots", "--snapshotter", "ontop"];
+        all.extend_from_slice(args);
+        self.ctr_ok(&all)
+    }
+
+    /// Keys `ctr snapshots ls` shows for ontop.
+    pub fn snapshot_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .snapshots(&["ls"])
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    pub fn import_image(&self) {
+        let tar = image_archive().display().to_string();
+        self.ctr_ok(&["images", "import", "--snapshotter", "ontop", &tar]);
+    }
+
+    /// `ctr run --rm` through ontop; returns the container's stdout.
+    pub fn run(&self, id: &str, script: &str) -> String {
+        self.ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "ontop",
+            IMAGE,
+            id,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Shims outlive containerd by design; a failed test may leave one.
+        let _ = Command::new("pkill")
+            .arg("-f")
+            .arg(self.socket.display().to_string())
+            .status();
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Waits until `check` holds, for at most `secs` seconds.
+pub async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
