@@ -30,6 +30,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub async_remove: bool,
     pub mount_options: Vec<String>,
+    /// Directories host base directories may come from; empty turns the
+    /// feature off.
+    pub base_roots: Vec<PathBuf>,
 }
 
 /// `config.toml` as written; every key optional. Unknown keys are errors,
@@ -43,6 +46,7 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub async_remove: Option<bool>,
     pub mount_options: Option<Vec<String>>,
+    pub base_roots: Option<Vec<PathBuf>>,
 }
 
 /// The flags that can override the file.
@@ -96,6 +100,7 @@ impl Config {
                 .unwrap_or(LogFormat::Text),
             async_remove: file.async_remove.unwrap_or(false),
             mount_options: file.mount_options.unwrap_or_default(),
+            base_roots: file.base_roots.unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -124,6 +129,24 @@ impl Config {
                 self.log_level
             )
         })?;
+        for root in &self.base_roots {
+            if !root.is_absolute() {
+                bail!(
+                    "base_roots entry {} must be an absolute path",
+                    root.display()
+                );
+            }
+            // The other direction (ontop's root inside an allowed root) is
+            // fine: each base is checked not to overlap the root.
+            if root.starts_with(&self.root) {
+                bail!(
+                    "base_roots entry {} is inside ontop's root {}: bases there would overlay \
+                     ontop's own snapshots",
+                    root.display(),
+                    self.root.display()
+                );
+            }
+        }
         for opt in &self.mount_options {
             let name = opt.split('=').next().unwrap_or_default();
             if matches!(name, "lowerdir" | "upperdir" | "workdir") {
@@ -187,6 +210,11 @@ mod tests {
             ("mount_options = [\"a,b\"]", "commas"),
             ("log_level = \"[[[\"", "log_level"),
             ("root = \"/r\"\naddress = \"/r/s.sock\"", "inside root"),
+            ("base_roots = [\"srv\"]", "absolute"),
+            (
+                "root = \"/srv\"\nbase_roots = [\"/srv/x\"]",
+                "inside ontop's root",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text).and_then(|f| Config::merge(f, Overrides::default()));

@@ -5,6 +5,7 @@
 //! <root>/metadata.db       SQLite (plus -wal, -shm)
 //! <root>/snapshots/<id>/fs    the snapshot's upper dir (its whole tree if it has no parent)
 //! <root>/snapshots/<id>/work  overlay's work dir (active snapshots only)
+//! <root>/snapshots/<id>/base  symlink to the host base directory, if any
 //! <root>/tmp/              snapshots being built, before they get an id
 //! <root>/trash/            directories waiting to be deleted
 //! ```
@@ -73,6 +74,34 @@ impl Layout {
 
     pub fn work(&self, id: Id) -> PathBuf {
         self.snapshot_dir(id).join("work")
+    }
+
+    /// The short path that stands for a host base directory in `lowerdir`:
+    /// host paths may hold `,` or `:`, which overlay options cannot carry,
+    /// and a path under the root keeps containerd's lowerdir compaction
+    /// working for deep images on a base.
+    pub fn base_link(&self, id: Id) -> PathBuf {
+        self.snapshot_dir(id).join("base")
+    }
+
+    /// Points `snapshots/<id>/base` at `target`, or removes it for None.
+    /// Replacing is atomic (a rename over the old link), and a link that
+    /// already points there is left alone.
+    pub fn set_base_link(&self, id: Id, target: Option<&Path>) -> io::Result<()> {
+        let link = self.base_link(id);
+        let Some(target) = target else {
+            return match fs::remove_file(&link) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            };
+        };
+        if fs::read_link(&link).ok().as_deref() == Some(target) {
+            return Ok(());
+        }
+        let tmp = self.snapshot_dir(id).join(".base-new");
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp)?;
+        fs::rename(&tmp, &link)
     }
 
     fn tmp_dir(&self) -> PathBuf {
@@ -206,6 +235,12 @@ impl Layout {
         Ok(())
     }
 
+    /// Removes `work/work/incompat/volatile`, which a volatile overlay
+    /// mount leaves behind.
+    pub fn clear_volatile_marker(&self, id: Id) -> io::Result<()> {
+        remove_all(&self.work(id).join("work/incompat/volatile"))
+    }
+
     /// Moves `snapshots/<id>` to the trash. A missing directory is fine: it
     /// may already have been reclaimed.
     pub fn discard(&self, id: Id) -> io::Result<Option<PathBuf>> {
@@ -283,6 +318,11 @@ impl NewSnapshotDir {
     pub fn fs(&self) -> PathBuf {
         self.path().join("fs")
     }
+
+    /// Links the host base directory in, before the directory is installed.
+    pub fn link_base(&self, target: &Path) -> io::Result<()> {
+        std::os::unix::fs::symlink(target, self.path().join("base"))
+    }
 }
 
 impl Drop for NewSnapshotDir {
@@ -353,6 +393,27 @@ mod tests {
         let trashed = l.discard_unknown(|id| id == 1).unwrap();
         assert_eq!(trashed.len(), 2);
         assert_eq!(l.snapshot_dir_names().unwrap(), vec![OsString::from("1")]);
+    }
+
+    #[test]
+    fn the_base_link_is_replaced_atomically_and_removal_never_follows_it() {
+        let (d, l) = layout();
+        let host = d.path().join("host");
+        fs::create_dir_all(host.join("precious")).unwrap();
+        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 1)
+            .unwrap();
+        l.set_base_link(1, Some(&host)).unwrap();
+        assert_eq!(fs::read_link(l.base_link(1)).unwrap(), host);
+        l.set_base_link(1, Some(&d.path().join("other"))).unwrap();
+        l.set_base_link(1, Some(&host)).unwrap();
+        assert_eq!(fs::read_link(l.base_link(1)).unwrap(), host);
+        let trashed = l.discard(1).unwrap().unwrap();
+        remove_all(&trashed).unwrap();
+        assert!(
+            host.join("precious").is_dir(),
+            "deleting a snapshot never follows its base link"
+        );
+        l.set_base_link(2, None).unwrap();
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`mounts`] and [`filter`] are pure: mount specs, and containerd's
 //!   filter language.
 
+pub mod base;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -58,21 +58,33 @@ pub struct Layers {
     pub upper: PathBuf,
     pub work: PathBuf,
     /// The parents' trees, nearest first.
-    pub lowers: Vec<PathBuf>,
+    pub parents: Vec<PathBuf>,
+    /// A host base directory under all of them (its link under the root).
+    pub base: Option<PathBuf>,
+    /// Overlay's `volatile` for writable mounts: no syncs, throwaway data.
+    pub volatile: bool,
 }
 
 /// The mounts for an active snapshot or a view, following containerd's
 /// overlay snapshotter shape for shape.
 pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
     let readonly = layers.kind == Kind::View;
-    if layers.lowers.is_empty() {
+    // The base is the bottom layer: a snapshot with nothing but a base is
+    // still an overlay of its upper over the base, never a bind of the
+    // base itself, which must not be written.
+    let lowers: Vec<&PathBuf> = layers.parents.iter().chain(&layers.base).collect();
+    if lowers.is_empty() {
         // Overlay needs at least one lower dir, and a lone tree needs no
         // overlay anyway: bind it.
-        return vec![bind(&layers.upper, readonly)];
+        return vec![bind(&layers.upper, readonly, true)];
     }
-    if readonly && layers.lowers.len() == 1 {
-        // A view of one layer is that layer, read-only.
-        return vec![bind(&layers.lowers[0], true)];
+    if readonly && lowers.len() == 1 {
+        // A view of one layer is that layer, read-only. A host base is
+        // bound without `rbind`: a read-only remount does not reach the
+        // submounts an rbind would bring along, and they must not be
+        // writable through the view.
+        let recursive = layers.base.is_none();
+        return vec![bind(lowers[0], true, recursive)];
     }
     let mut options = Vec::new();
     if opts.index_off {
@@ -87,12 +99,11 @@ pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
     }
     // Without an upperdir the kernel makes the overlay read-only, which is
     // what a multi-layer view needs.
-    let lowers: Vec<String> = layers
-        .lowers
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
+    let lowers: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
     options.push(format!("lowerdir={}", lowers.join(":")));
+    if layers.volatile && !readonly {
+        options.push("volatile".to_string());
+    }
     options.extend(opts.extra.iter().cloned());
     vec![Mount {
         fstype: "overlay".into(),
@@ -101,11 +112,14 @@ pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
     }]
 }
 
-fn bind(path: &Path, readonly: bool) -> Mount {
+fn bind(path: &Path, readonly: bool, recursive: bool) -> Mount {
     Mount {
         fstype: "bind".into(),
         source: path.display().to_string(),
-        options: vec![if readonly { "ro" } else { "rw" }.into(), "rbind".into()],
+        options: vec![
+            if readonly { "ro" } else { "rw" }.into(),
+            if recursive { "rbind" } else { "bind" }.into(),
+        ],
     }
 }
 
@@ -118,8 +132,15 @@ mod tests {
             kind,
             upper: "/r/snapshots/9/fs".into(),
             work: "/r/snapshots/9/work".into(),
-            lowers: parents.iter().map(PathBuf::from).collect(),
+            parents: parents.iter().map(PathBuf::from).collect(),
+            base: None,
+            volatile: false,
         }
+    }
+
+    fn on_base(mut l: Layers) -> Layers {
+        l.base = Some("/r/snapshots/9/base".into());
+        l
     }
 
     fn opts(index_off: bool, userxattr: bool, extra: &[&str]) -> OverlayOptions {
@@ -184,6 +205,83 @@ mod tests {
         for (l, want) in cases {
             assert_eq!(build(&l, &o), vec![want], "{l:?}");
         }
+    }
+
+    #[test]
+    fn a_base_is_the_bottom_layer_and_never_bound_writable() {
+        let o = opts(true, false, &[]);
+        let cases = [
+            (
+                on_base(layers(Kind::Active, &[])),
+                mount(
+                    "overlay",
+                    "overlay",
+                    &[
+                        "index=off",
+                        "workdir=/r/snapshots/9/work",
+                        "upperdir=/r/snapshots/9/fs",
+                        "lowerdir=/r/snapshots/9/base",
+                    ],
+                ),
+            ),
+            (
+                on_base(layers(
+                    Kind::Active,
+                    &["/r/snapshots/2/fs", "/r/snapshots/1/fs"],
+                )),
+                mount(
+                    "overlay",
+                    "overlay",
+                    &[
+                        "index=off",
+                        "workdir=/r/snapshots/9/work",
+                        "upperdir=/r/snapshots/9/fs",
+                        "lowerdir=/r/snapshots/2/fs:/r/snapshots/1/fs:/r/snapshots/9/base",
+                    ],
+                ),
+            ),
+            (
+                on_base(layers(Kind::View, &[])),
+                mount("bind", "/r/snapshots/9/base", &["ro", "bind"]),
+            ),
+            (
+                on_base(layers(Kind::View, &["/r/snapshots/1/fs"])),
+                mount(
+                    "overlay",
+                    "overlay",
+                    &[
+                        "index=off",
+                        "lowerdir=/r/snapshots/1/fs:/r/snapshots/9/base",
+                    ],
+                ),
+            ),
+        ];
+        for (l, want) in cases {
+            assert_eq!(build(&l, &o), vec![want], "{l:?}");
+        }
+    }
+
+    #[test]
+    fn volatile_applies_to_writable_overlays_only() {
+        let o = opts(false, false, &["metacopy=off"]);
+        let mut l = on_base(layers(Kind::Active, &[]));
+        l.volatile = true;
+        assert_eq!(
+            build(&l, &o)[0].options,
+            [
+                "workdir=/r/snapshots/9/work",
+                "upperdir=/r/snapshots/9/fs",
+                "lowerdir=/r/snapshots/9/base",
+                "volatile",
+                "metacopy=off"
+            ]
+        );
+        l.kind = Kind::View;
+        l.parents = vec!["/p".into()];
+        assert!(!build(&l, &o)[0].options.contains(&"volatile".to_string()));
+        let mut plain = layers(Kind::Active, &[]);
+        plain.volatile = true;
+        assert_eq!(build(&plain, &o)[0].options, ["rw", "rbind"]);
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         root: config.root.clone(),
         async_remove: config.async_remove,
         overlay,
+        base_roots: config.base_roots.clone(),
     };
     let core = tokio::task::spawn_blocking(move || Snapshotter::open(opts))
         .await

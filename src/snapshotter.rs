@@ -16,13 +16,14 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
+use crate::base::{self, BasePolicy, BASE_LABEL};
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
 use crate::labels;
 use crate::layout::{self, Layout};
 use crate::mounts::{self, Layers, Mount, OverlayOptions};
 use crate::snapshot::{Id, Kind, Labels, Snapshot, Timestamp, Usage};
-use crate::store::{Record, Store, Tx};
+use crate::store::{NewSnapshot, Record, Store, Tx};
 
 /// What the core needs to know from the configuration.
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub struct Options {
     /// Leave directories of removed snapshots for Cleanup to reclaim.
     pub async_remove: bool,
     pub overlay: OverlayOptions,
+    /// Where host base directories may come from.
+    pub base_roots: Vec<PathBuf>,
 }
 
 /// What `ontop info` shows of one snapshot.
@@ -47,6 +50,7 @@ pub struct Snapshotter {
     store: Store,
     overlay: OverlayOptions,
     async_remove: bool,
+    bases: BasePolicy,
     _lock: layout::RootLock,
 }
 
@@ -65,6 +69,10 @@ impl Snapshotter {
         let store = Store::open(&layout.db_path())?;
         store.quick_check()?;
         Ok(Snapshotter {
+            bases: BasePolicy {
+                allowed_roots: opts.base_roots,
+                own_root: layout.root().to_path_buf(),
+            },
             layout,
             store,
             overlay: opts.overlay,
@@ -103,7 +111,13 @@ impl Snapshotter {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
         require_key("key", key)?;
-        let labels = labels::validate(labels)?;
+        let mut labels = labels::validate(labels)?;
+        let volatile = base::volatile(&labels)?;
+        // Resolved before any transaction: the label is untrusted input,
+        // and a rejection must leave nothing behind.
+        let requested_base = base::requested(&labels)
+            .map(|p| self.bases.resolve(p))
+            .transpose()?;
         let dir = self
             .layout
             .new_snapshot_dir(kind)
@@ -121,23 +135,56 @@ impl Snapshotter {
                 )));
             }
             let parent_id = parent_rec.as_ref().map(|p| p.id);
-            let id = tx.insert(kind, key, parent_id, &labels, Timestamp::now())?;
-            let mut lowers = Vec::new();
+            let inherited = parent_rec.as_ref().and_then(|p| p.base.clone());
+            let base = match (requested_base, inherited) {
+                (Some(asked), Some(chain)) if asked != chain => {
+                    return Err(Error::invalid_argument(format!(
+                        "base {}: parent {parent:?} already sits on base {}, and a chain has one base",
+                        asked.display(),
+                        chain.display()
+                    )))
+                }
+                (Some(asked), _) => Some(asked),
+                (None, Some(chain)) => {
+                    // The base belongs to the chain: every descendant shows it.
+                    let shown = base_label(tx, parent_rec.as_ref().expect("inherited from a parent"))?;
+                    labels.insert(BASE_LABEL.to_string(), shown);
+                    Some(chain)
+                }
+                (None, None) => None,
+            };
+            let id = tx.insert(
+                &NewSnapshot {
+                    kind,
+                    key,
+                    parent_id,
+                    base: base.as_deref(),
+                    labels: &labels,
+                },
+                Timestamp::now(),
+            )?;
+            let mut ancestors = Vec::new();
             if let Some(pid) = parent_id {
-                lowers.push(pid);
-                lowers.extend(tx.ancestors(pid)?);
+                ancestors.push(pid);
+                ancestors.extend(tx.ancestors(pid)?);
                 let (uid, gid) = self
                     .layout
                     .owner(pid)
                     .with_context(|| format!("reading the owner of parent {parent:?}"))?;
                 chown(dir.fs(), Some(uid), Some(gid)).context("copying the parent's root owner")?;
+            } else if let Some(b) = &base {
+                base::copy_root_attributes(b, &dir.fs())
+                    .with_context(|| format!("copying the root mode and owner of base {}", b.display()))?;
             }
-            let record_layers = self.layers(kind, id, &lowers);
+            if let Some(b) = &base {
+                dir.link_base(b).context("linking the base directory")?;
+            }
+            let layers = self.layers(kind, id, &ancestors, base.is_some(), volatile);
             self.layout
                 .install(dir, id)
                 .with_context(|| format!("moving snapshot {id} into place"))?;
             installed.set(Some(id));
-            Ok(record_layers)
+            Ok(layers)
         });
         match result {
             Ok(layers) => Ok(mounts::build(&layers, &self.overlay)),
@@ -153,15 +200,35 @@ impl Snapshotter {
     }
 
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let layers = self.store.read(|tx| {
+        let (rec, ancestors, volatile) = self.store.read(|tx| {
             let rec = tx.require(key)?;
             if rec.kind == Kind::Committed {
                 return Err(Error::failed_precondition(format!(
                     "snapshot {key:?} is committed; only active snapshots and views have mounts"
                 )));
             }
-            Ok(self.layers(rec.kind, rec.id, &tx.ancestors(rec.id)?))
+            let volatile = base::volatile(&tx.labels(rec.id)?)?;
+            let ancestors = tx.ancestors(rec.id)?;
+            Ok((rec, ancestors, volatile))
         })?;
+        if let Some(b) = &rec.base {
+            base::check_present(b)?;
+            // The database is the truth; a crash after an Update may have
+            // left the link behind it.
+            self.layout
+                .set_base_link(rec.id, Some(b))
+                .context("linking the base directory")?;
+        }
+        let writable_overlay =
+            rec.kind == Kind::Active && (rec.base.is_some() || !ancestors.is_empty());
+        if volatile && writable_overlay {
+            // The kernel leaves this marker after a volatile mount and
+            // refuses the same upper and work dirs again until it is gone.
+            self.layout
+                .clear_volatile_marker(rec.id)
+                .context("clearing the volatile marker")?;
+        }
+        let layers = self.layers(rec.kind, rec.id, &ancestors, rec.base.is_some(), volatile);
         Ok(mounts::build(&layers, &self.overlay))
     }
 
@@ -181,6 +248,23 @@ impl Snapshotter {
             } else {
                 self.upper_usage(now.id)?
             };
+            // Commit replaces labels, but the base belongs to the chain.
+            let mut labels = labels;
+            let current = match &now.base {
+                Some(_) => Some(base_label(tx, &now)?),
+                None => None,
+            };
+            if let Some(asked) = base::requested(&labels) {
+                if current.as_deref() != Some(asked) {
+                    return Err(Error::failed_precondition(format!(
+                        "cannot commit {key:?} with base {asked:?}: a base is set on Prepare, View \
+                         or Update of the active snapshot, and Commit keeps it"
+                    )));
+                }
+            }
+            if let Some(current) = current {
+                labels.insert(BASE_LABEL.to_string(), current);
+            }
             tx.commit(now.id, name, &labels, usage, Timestamp::now())
         })
     }
@@ -212,6 +296,11 @@ impl Snapshotter {
     /// Updates labels, the only mutable field. `fieldpaths` empty or
     /// `labels` replaces them all; `labels.KEY` sets or, when the request
     /// has no value for KEY, deletes that one label.
+    ///
+    /// The base label changes only when the request names it: containerd
+    /// replaces labels with its own record, which may not carry the base.
+    /// Changing it is allowed on an active snapshot that does not inherit
+    /// it; anywhere else children or parents depend on it.
     pub fn update(
         &self,
         key: &str,
@@ -228,29 +317,96 @@ impl Snapshotter {
         for (k, v) in &requested {
             labels::check_size(k, v)?;
         }
-        self.store.write(|tx| {
-            let mut snap = tx.snapshot(key)?;
+        let replaces_all = fieldpaths.is_empty() || fieldpaths.iter().any(|p| p == "labels");
+        let names_base = (replaces_all && requested.contains_key(BASE_LABEL))
+            || fieldpaths
+                .iter()
+                .any(|p| p.strip_prefix("labels.") == Some(BASE_LABEL));
+        let (snap, new_base) = self.store.write(|tx| {
+            let rec = tx.require(key)?;
+            let old = tx.labels(rec.id)?;
+            let mut labels = old.clone();
             if fieldpaths.is_empty() {
-                snap.labels = requested.clone().into_iter().collect();
+                labels = requested.clone().into_iter().collect();
             }
             for path in fieldpaths {
                 match path.strip_prefix("labels.") {
-                    None => snap.labels = requested.clone().into_iter().collect(),
+                    None => labels = requested.clone().into_iter().collect(),
                     Some(k) => match requested.get(k) {
                         Some(v) => {
-                            snap.labels.insert(k.to_string(), v.clone());
+                            labels.insert(k.to_string(), v.clone());
                         }
                         None => {
-                            snap.labels.remove(k);
+                            labels.remove(k);
                         }
                     },
                 }
             }
-            snap.labels.retain(|_, v| !v.is_empty());
-            snap.updated = Timestamp::now();
-            tx.update_labels(snap.id, &snap.labels, snap.updated)?;
-            Ok(snap)
-        })
+            labels.retain(|_, v| !v.is_empty());
+            base::volatile(&labels)?;
+
+            let old_base = old.get(BASE_LABEL).cloned();
+            let mut new_base = None;
+            if !names_base {
+                match &old_base {
+                    Some(v) => labels.insert(BASE_LABEL.to_string(), v.clone()),
+                    None => labels.remove(BASE_LABEL),
+                };
+            } else if labels.get(BASE_LABEL) != old_base.as_ref() {
+                self.check_base_change(tx, &rec)?;
+                let resolved = base::requested(&labels)
+                    .map(|p| self.bases.resolve(p))
+                    .transpose()?;
+                tx.set_base(rec.id, resolved.as_deref())?;
+                new_base = Some(resolved);
+            }
+
+            let updated = Timestamp::now();
+            tx.update_labels(rec.id, &labels, updated)?;
+            let mut snap = rec.into_snapshot(labels);
+            snap.updated = updated;
+            Ok((snap, new_base))
+        })?;
+        if let Some(new_base) = new_base {
+            // After the commit: Mounts re-creates a link that a crash here
+            // left behind, from the database.
+            if let Err(e) = self.layout.set_base_link(snap.id, new_base.as_deref()) {
+                tracing::warn!(id = snap.id, error = %e, "could not relink base; the next Mounts will");
+            }
+            if let (Some(b), "") = (&new_base, snap.parent.as_str()) {
+                if let Err(e) = base::copy_root_attributes(b, &self.layout.fs(snap.id)) {
+                    tracing::warn!(id = snap.id, error = %e, "could not copy the base's root mode and owner");
+                }
+            }
+        }
+        Ok(snap)
+    }
+
+    /// A base can change only on an active snapshot that does not inherit
+    /// it: a committed one has children built on it, a view is immutable,
+    /// and an inherited base belongs to the committed parent.
+    fn check_base_change(&self, tx: &Tx<'_>, rec: &Record) -> Result<()> {
+        if rec.kind != Kind::Active {
+            return Err(Error::failed_precondition(format!(
+                "the base of {} snapshot {:?} cannot change{}",
+                rec.kind.as_str(),
+                rec.key,
+                if rec.kind == Kind::Committed {
+                    ": snapshots built on it depend on it"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if let Some(pid) = rec.parent_id {
+            if tx.record_by_id(pid)?.and_then(|p| p.base).is_some() {
+                return Err(Error::failed_precondition(format!(
+                    "the base of snapshot {:?} is inherited from its parent {:?} and cannot change",
+                    rec.key, rec.parent
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Every snapshot matching containerd `filters` (ORed strings of ANDed
@@ -334,12 +490,21 @@ impl Snapshotter {
         Ok(all)
     }
 
-    fn layers(&self, kind: Kind, id: Id, ancestors: &[Id]) -> Layers {
+    fn layers(
+        &self,
+        kind: Kind,
+        id: Id,
+        ancestors: &[Id],
+        has_base: bool,
+        volatile: bool,
+    ) -> Layers {
         Layers {
             kind,
             upper: self.layout.fs(id),
             work: self.layout.work(id),
-            lowers: ancestors.iter().map(|&p| self.layout.fs(p)).collect(),
+            parents: ancestors.iter().map(|&p| self.layout.fs(p)).collect(),
+            base: has_base.then(|| self.layout.base_link(id)),
+            volatile,
         }
     }
 
@@ -359,6 +524,17 @@ impl Snapshotter {
             tracing::warn!(id, error = %e, "could not remove snapshot directory; Cleanup will retry");
         }
     }
+}
+
+/// The base label as shown on `rec`, which has a base.
+fn base_label(tx: &Tx<'_>, rec: &Record) -> Result<String> {
+    let shown = tx.labels(rec.id)?.remove(BASE_LABEL);
+    Ok(shown.unwrap_or_else(|| {
+        rec.base
+            .as_deref()
+            .map(|b| b.display().to_string())
+            .unwrap_or_default()
+    }))
 }
 
 fn require_key(what: &str, key: &str) -> Result<()> {

@@ -8,7 +8,9 @@
 //! serves Stat, Mounts and List from WAL snapshots without waiting on writers.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,6 +48,10 @@ const MIGRATIONS: &[&str] = &[
         value       TEXT    NOT NULL CHECK (value <> ''),
         PRIMARY KEY (snapshot_id, key)
     ) WITHOUT ROWID;",
+    // 2: host base directories. The canonical path of the host directory
+    // under the snapshot's stack (own or inherited from its parent), as raw
+    // bytes so any path round-trips.
+    "ALTER TABLE snapshots ADD COLUMN base BLOB;",
 ];
 
 /// A snapshot row without its labels: what the hot paths need.
@@ -59,6 +65,8 @@ pub struct Record {
     pub created: Timestamp,
     pub updated: Timestamp,
     pub usage: Usage,
+    /// The host base directory at the bottom of the stack, if any.
+    pub base: Option<PathBuf>,
 }
 
 impl Record {
@@ -167,11 +175,20 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `Tx::insert` needs to create a snapshot.
+pub struct NewSnapshot<'a> {
+    pub kind: Kind,
+    pub key: &'a str,
+    pub parent_id: Option<Id>,
+    pub base: Option<&'a Path>,
+    pub labels: &'a Labels,
+}
+
 /// A transaction, read or write, with the queries ontop needs.
 pub struct Tx<'a>(&'a Transaction<'a>);
 
 const RECORD_COLUMNS: &str = "s.id, s.kind, s.key, s.parent_id, COALESCE(p.key, ''),
-     s.created_ns, s.updated_ns, s.size, s.inodes
+     s.created_ns, s.updated_ns, s.size, s.inodes, s.base
      FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id";
 
 fn record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
@@ -194,7 +211,14 @@ fn record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
             size: r.get(7)?,
             inodes: r.get(8)?,
         },
+        base: r
+            .get::<_, Option<Vec<u8>>>(9)?
+            .map(|b| PathBuf::from(OsString::from_vec(b))),
     })
+}
+
+fn path_bytes(p: Option<&Path>) -> Option<&[u8]> {
+    p.map(|p| p.as_os_str().as_bytes())
 }
 
 impl Tx<'_> {
@@ -258,19 +282,19 @@ impl Tx<'_> {
 
     /// Inserts a new snapshot; `created == updated == now`. The caller has
     /// already checked that the key is free and the parent committed.
-    pub fn insert(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent_id: Option<Id>,
-        labels: &Labels,
-        now: Timestamp,
-    ) -> Result<Id> {
+    pub fn insert(&self, new: &NewSnapshot<'_>, now: Timestamp) -> Result<Id> {
         let mut stmt = self.0.prepare_cached(
-            "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns)
-             VALUES (?1, ?2, ?3, ?4, ?4)",
+            "INSERT INTO snapshots (key, kind, parent_id, base, created_ns, updated_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
         )?;
-        stmt.execute(params![key, kind as i64, parent_id, now.0])?;
+        stmt.execute(params![
+            new.key,
+            new.kind as i64,
+            new.parent_id,
+            path_bytes(new.base),
+            now.0
+        ])?;
+        let labels = new.labels;
         let id = self.0.last_insert_rowid();
         self.insert_labels(id, labels)?;
         Ok(id)
@@ -309,6 +333,16 @@ impl Tx<'_> {
             .prepare_cached("UPDATE snapshots SET updated_ns = ?2 WHERE id = ?1")?;
         stmt.execute(params![id, now.0])?;
         self.replace_labels(id, labels)
+    }
+
+    /// Changes the base of `id`, which must have no children: they would
+    /// keep the old one.
+    pub fn set_base(&self, id: Id, base: Option<&Path>) -> Result<()> {
+        let mut stmt = self
+            .0
+            .prepare_cached("UPDATE snapshots SET base = ?2 WHERE id = ?1")?;
+        stmt.execute(params![id, path_bytes(base)])?;
+        Ok(())
     }
 
     pub fn delete(&self, id: Id) -> Result<()> {
@@ -390,6 +424,21 @@ mod tests {
             .collect()
     }
 
+    fn new<'a>(
+        kind: Kind,
+        key: &'a str,
+        parent_id: Option<Id>,
+        labels: &'a Labels,
+    ) -> NewSnapshot<'a> {
+        NewSnapshot {
+            kind,
+            key,
+            parent_id,
+            base: None,
+            labels,
+        }
+    }
+
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("metadata.db")).unwrap();
@@ -436,15 +485,36 @@ mod tests {
     }
 
     #[test]
+    fn a_base_path_round_trips_as_raw_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let (_d, store) = open();
+        let odd = Path::new(std::ffi::OsStr::from_bytes(b"/srv/a,b:c \xff"));
+        let id = store
+            .write(|tx| {
+                let none = Labels::new();
+                let mut n = new(Kind::Active, "a", None, &none);
+                n.base = Some(odd);
+                tx.insert(&n, Timestamp::now())
+            })
+            .unwrap();
+        assert_eq!(
+            store.read(|tx| tx.require("a")).unwrap().base.as_deref(),
+            Some(odd)
+        );
+        store.write(|tx| tx.set_base(id, None)).unwrap();
+        assert_eq!(store.read(|tx| tx.require("a")).unwrap().base, None);
+    }
+
+    #[test]
     fn ids_are_never_reused_after_delete() {
         let (_d, store) = open();
         let now = Timestamp::now();
         let a = store
-            .write(|tx| tx.insert(Kind::Active, "a", None, &Labels::new(), now))
+            .write(|tx| tx.insert(&new(Kind::Active, "a", None, &Labels::new()), now))
             .unwrap();
         store.write(|tx| tx.delete(a)).unwrap();
         let b = store
-            .write(|tx| tx.insert(Kind::Active, "a", None, &Labels::new(), now))
+            .write(|tx| tx.insert(&new(Kind::Active, "a", None, &Labels::new()), now))
             .unwrap();
         assert!(b > a, "id {b} must be newer than removed id {a}");
     }
@@ -455,9 +525,9 @@ mod tests {
         let now = Timestamp::now();
         let (c1, c2, c3) = store
             .write(|tx| {
-                let c1 = tx.insert(Kind::Committed, "c1", None, &Labels::new(), now)?;
-                let c2 = tx.insert(Kind::Committed, "c2", Some(c1), &Labels::new(), now)?;
-                let c3 = tx.insert(Kind::Active, "c3", Some(c2), &Labels::new(), now)?;
+                let c1 = tx.insert(&new(Kind::Committed, "c1", None, &Labels::new()), now)?;
+                let c2 = tx.insert(&new(Kind::Committed, "c2", Some(c1), &Labels::new()), now)?;
+                let c3 = tx.insert(&new(Kind::Active, "c3", Some(c2), &Labels::new()), now)?;
                 Ok((c1, c2, c3))
             })
             .unwrap();
@@ -476,8 +546,8 @@ mod tests {
         let now = Timestamp::now();
         let p = store
             .write(|tx| {
-                let p = tx.insert(Kind::Committed, "p", None, &Labels::new(), now)?;
-                tx.insert(Kind::Active, "c", Some(p), &Labels::new(), now)?;
+                let p = tx.insert(&new(Kind::Committed, "p", None, &Labels::new()), now)?;
+                tx.insert(&new(Kind::Active, "c", Some(p), &Labels::new()), now)?;
                 Ok(p)
             })
             .unwrap();
@@ -491,13 +561,8 @@ mod tests {
         let now = Timestamp::now();
         let id = store
             .write(|tx| {
-                tx.insert(
-                    Kind::Active,
-                    "a",
-                    None,
-                    &labels(&[("keep", "1"), ("drop", "")]),
-                    now,
-                )
+                let l = labels(&[("keep", "1"), ("drop", "")]);
+                tx.insert(&new(Kind::Active, "a", None, &l), now)
             })
             .unwrap();
         assert_eq!(
@@ -511,7 +576,7 @@ mod tests {
         let (_d, store) = open();
         let t0 = Timestamp(1);
         let id = store
-            .write(|tx| tx.insert(Kind::Active, "a", None, &labels(&[("old", "1")]), t0))
+            .write(|tx| tx.insert(&new(Kind::Active, "a", None, &labels(&[("old", "1")])), t0))
             .unwrap();
         let usage = Usage {
             size: 4096,
@@ -533,7 +598,10 @@ mod tests {
     fn a_failed_write_rolls_back_everything() {
         let (_d, store) = open();
         let res: Result<()> = store.write(|tx| {
-            tx.insert(Kind::Active, "a", None, &Labels::new(), Timestamp::now())?;
+            tx.insert(
+                &new(Kind::Active, "a", None, &Labels::new()),
+                Timestamp::now(),
+            )?;
             Err(Error::invalid_argument("boom"))
         });
         assert!(res.is_err());
@@ -546,8 +614,8 @@ mod tests {
         let now = Timestamp::now();
         store
             .write(|tx| {
-                tx.insert(Kind::Active, "a", None, &labels(&[("x", "1")]), now)?;
-                tx.insert(Kind::View, "b", None, &Labels::new(), now)?;
+                tx.insert(&new(Kind::Active, "a", None, &labels(&[("x", "1")])), now)?;
+                tx.insert(&new(Kind::View, "b", None, &Labels::new()), now)?;
                 Ok(())
             })
             .unwrap();
