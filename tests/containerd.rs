@@ -313,3 +313,40 @@ async fn containerd_keeps_working_across_ontop_restarts() {
         "new in layer 2\n"
     );
 }
+
+#[tokio::test]
+async fn a_container_runs_on_a_host_directory_under_the_image_layers() {
+    let d = Daemon::start_with_bases("").await;
+    let host = d.hosts().join("srv tree");
+    fs::create_dir_all(host.join("shared")).unwrap();
+    fs::write(host.join("shared/config.txt"), "from the host\n").unwrap();
+    fs::create_dir_all(host.join("data")).unwrap();
+    fs::write(host.join("data/keep.txt"), "host version\n").unwrap();
+    let before = common::tree_state(&host);
+    let ctd = Containerd::start(&d).await;
+    ctd.import_image();
+
+    let label = format!("{}={}", ontop::base::BASE_LABEL, host.display());
+    let out = ctd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "ontop",
+        "--snapshotter-label",
+        &label,
+        common::containerd::IMAGE,
+        "on-base",
+        "sh",
+        "-c",
+        "cat /shared/config.txt /data/keep.txt /added/new.txt; \
+         echo changed > /shared/config.txt; rm /data/keep.txt; echo new > /shared/new; \
+         cat /shared/config.txt; ls /data",
+    ]);
+    // The image's layers sit above the base: its /data/keep.txt wins.
+    assert_eq!(out, "from the host\nkeep\nnew in layer 2\nchanged\n");
+    assert_eq!(
+        common::tree_state(&host),
+        before,
+        "the host directory was modified"
+    );
+}

@@ -43,6 +43,22 @@ impl Daemon {
 
     /// Starts a daemon whose config file holds `config` (TOML).
     pub async fn start_with_config(config: &str) -> Daemon {
+        Daemon::start_with(|_| config.to_string()).await
+    }
+
+    /// Starts a daemon that allows host base directories under
+    /// [`Daemon::hosts`], with `extra` config appended.
+    pub async fn start_with_bases(extra: &str) -> Daemon {
+        Daemon::start_with(|dir| {
+            let hosts = dir.join("hosts");
+            std::fs::create_dir_all(&hosts).unwrap();
+            format!("base_roots = [{:?}]\n{extra}", hosts.display().to_string())
+        })
+        .await
+    }
+
+    /// Starts a daemon whose config is made from its test directory.
+    pub async fn start_with(config: impl FnOnce(&Path) -> String) -> Daemon {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("ontop-test-")
@@ -50,7 +66,7 @@ impl Daemon {
             .expect("creating test dir");
         let root = dir.path().join("root");
         let socket = dir.path().join("run/ontop.sock");
-        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        std::fs::write(dir.path().join("config.toml"), config(dir.path())).unwrap();
         let mut d = Daemon {
             log: dir.path().join("daemon.log"),
             dir,
@@ -166,6 +182,11 @@ impl Daemon {
         p
     }
 
+    /// Where host base directories may live (see `start_with_bases`).
+    pub fn hosts(&self) -> PathBuf {
+        self.dir.path().join("hosts")
+    }
+
     /// Directories under `snapshots/` on disk.
     pub fn snapshot_dirs(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(self.root.join("snapshots"))
@@ -185,6 +206,45 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// Everything observable about a tree except access times: type, mode,
+/// owner, size, modification time, content and link targets, per path.
+/// Two equal states mean nothing under the tree was written.
+pub fn tree_state(root: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        let ft = md.file_type();
+        let what = if ft.is_symlink() {
+            format!("link {}", std::fs::read_link(&p).unwrap().display())
+        } else if ft.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+            "dir".to_string()
+        } else {
+            format!("file {:?}", std::fs::read(&p).unwrap())
+        };
+        out.insert(
+            p.strip_prefix(root).unwrap().to_path_buf(),
+            format!(
+                "{what} mode={:o} owner={}:{} nlink={} size={} mtime={}.{} ctime={}.{}",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                md.nlink(),
+                md.size(),
+                md.mtime(),
+                md.mtime_nsec(),
+                md.ctime(),
+                md.ctime_nsec()
+            ),
+        );
+    }
+    out
 }
 
 /// Lazily unmounts every mount below `dir`, deepest first.
