@@ -35,4 +35,9 @@ require_overlayfs() {
   grep -qw overlay /proc/filesystems || die "the kernel has no overlayfs (modprobe overlay failed)"
 }
 
+require_fuse() {
+  [ -c /dev/fuse ] || modprobe fuse 2>/dev/null || true
+  [ -c /dev/fuse ] || die "/dev/fuse is missing (modprobe fuse failed): the fuse-overlayfs backend cannot be tested"
+}
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

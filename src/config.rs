@@ -1,11 +1,17 @@
 //! Configuration: `config.toml` and command-line flags, merged once at
 //! start-up into one validated [`Config`]. Flags win over the file, the
 //! file over the defaults.
+//!
+//! The defaults depend on who runs ontop: real root gets the system paths
+//! containerd's CRI expects; anyone else (an unprivileged user, or root of
+//! a user namespace, as under rootless containerd) gets per-user XDG paths.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use serde::Deserialize;
+
+use crate::backend::{self, Backend};
 
 /// containerd 1.6/1.7's CRI looks for image-fs stats under
 /// `/var/lib/containerd/io.containerd.snapshotter.v1.<name>`.
@@ -24,6 +30,7 @@ pub enum LogFormat {
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    pub backend: Backend,
     pub root: PathBuf,
     pub address: PathBuf,
     pub log_level: String,
@@ -40,6 +47,7 @@ pub struct Config {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    pub backend: Option<Backend>,
     pub root: Option<PathBuf>,
     pub address: Option<PathBuf>,
     pub log_level: Option<String>,
@@ -52,6 +60,7 @@ pub struct FileConfig {
 /// The flags that can override the file.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
+    pub backend: Option<Backend>,
     pub root: Option<PathBuf>,
     pub address: Option<PathBuf>,
     pub log_level: Option<String>,
@@ -66,30 +75,85 @@ impl FileConfig {
     }
 }
 
+/// Where things go when neither the file nor a flag says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defaults {
+    pub root: Result<PathBuf, String>,
+    pub address: Result<PathBuf, String>,
+    pub config: Option<PathBuf>,
+}
+
+impl Defaults {
+    /// The system paths, for real root.
+    pub fn system() -> Defaults {
+        Defaults {
+            root: Ok(DEFAULT_ROOT.into()),
+            address: Ok(DEFAULT_ADDRESS.into()),
+            config: Some(DEFAULT_CONFIG.into()),
+        }
+    }
+
+    /// Per-user paths: `$XDG_RUNTIME_DIR/ontop/ontop.sock`,
+    /// `$XDG_DATA_HOME/ontop` (`~/.local/share/ontop`) and
+    /// `$XDG_CONFIG_HOME/ontop/config.toml` (`~/.config/ontop/config.toml`).
+    pub fn user(env: impl Fn(&str) -> Option<String>) -> Defaults {
+        let env = |name: &str| env(name).filter(|v| Path::new(v).is_absolute());
+        let home = env("HOME").map(PathBuf::from);
+        let xdg = |var: &str, fallback: &str| {
+            env(var)
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join(fallback)))
+        };
+        let unset = |what: &str, var: &str, flag: &str| {
+            format!(
+                "not running as root, so the default {what} is under ${var}, which is not set                  to an absolute path; set it, or pass {flag}"
+            )
+        };
+        Defaults {
+            root: xdg("XDG_DATA_HOME", ".local/share")
+                .map(|d| d.join("ontop"))
+                .ok_or_else(|| unset("root", "HOME", "--root")),
+            address: env("XDG_RUNTIME_DIR")
+                .map(|d| Path::new(&d).join("ontop/ontop.sock"))
+                .ok_or_else(|| unset("socket", "XDG_RUNTIME_DIR", "--address")),
+            config: xdg("XDG_CONFIG_HOME", ".config").map(|d| d.join("ontop/config.toml")),
+        }
+    }
+
+    /// The defaults for this process.
+    pub fn detect() -> Defaults {
+        if backend::is_real_root() {
+            Defaults::system()
+        } else {
+            Defaults::user(|name| std::env::var(name).ok())
+        }
+    }
+}
+
 impl Config {
     /// Loads `explicit`, or the default config file when it exists, and
     /// merges the flags over it.
     pub fn load(explicit: Option<&Path>, flags: Overrides) -> anyhow::Result<Config> {
-        let file = match explicit {
-            Some(p) => FileConfig::load(p)?,
-            None if Path::new(DEFAULT_CONFIG).exists() => {
-                FileConfig::load(Path::new(DEFAULT_CONFIG))?
-            }
-            None => FileConfig::default(),
+        let defaults = Defaults::detect();
+        let file = match (explicit, &defaults.config) {
+            (Some(p), _) => FileConfig::load(p)?,
+            (None, Some(p)) if p.exists() => FileConfig::load(p)?,
+            _ => FileConfig::default(),
         };
-        Config::merge(file, flags)
+        Config::merge(file, flags, defaults)
     }
 
-    pub fn merge(file: FileConfig, flags: Overrides) -> anyhow::Result<Config> {
+    pub fn merge(file: FileConfig, flags: Overrides, defaults: Defaults) -> anyhow::Result<Config> {
         let config = Config {
-            root: flags
-                .root
-                .or(file.root)
-                .unwrap_or_else(|| DEFAULT_ROOT.into()),
-            address: flags
-                .address
-                .or(file.address)
-                .unwrap_or_else(|| DEFAULT_ADDRESS.into()),
+            backend: flags.backend.or(file.backend).unwrap_or_default(),
+            root: match flags.root.or(file.root) {
+                Some(r) => r,
+                None => defaults.root.map_err(|e| anyhow!(e))?,
+            },
+            address: match flags.address.or(file.address) {
+                Some(a) => a,
+                None => defaults.address.map_err(|e| anyhow!(e))?,
+            },
             log_level: flags
                 .log_level
                 .or(file.log_level)
@@ -170,7 +234,12 @@ mod tests {
 
     #[test]
     fn defaults_apply_when_nothing_is_set() {
-        let c = Config::merge(FileConfig::default(), Overrides::default()).unwrap();
+        let c = Config::merge(
+            FileConfig::default(),
+            Overrides::default(),
+            Defaults::system(),
+        )
+        .unwrap();
         assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
         assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
         assert_eq!(c.log_level, "info");
@@ -193,7 +262,7 @@ mod tests {
             root: Some("/srv/b".into()),
             ..Default::default()
         };
-        let c = Config::merge(file, flags).unwrap();
+        let c = Config::merge(file, flags, Defaults::system()).unwrap();
         assert_eq!(c.root, PathBuf::from("/srv/b"));
         assert_eq!(c.address, PathBuf::from("/run/a.sock"));
         assert_eq!(c.log_format, LogFormat::Json);
@@ -217,7 +286,8 @@ mod tests {
             ),
         ];
         for (text, want) in cases {
-            let err = parse(text).and_then(|f| Config::merge(f, Overrides::default()));
+            let err = parse(text)
+                .and_then(|f| Config::merge(f, Overrides::default(), Defaults::system()));
             let msg = format!("{:#}", err.expect_err(text));
             assert!(msg.contains(want), "{text}: {msg}");
         }
@@ -227,10 +297,61 @@ mod tests {
     fn the_example_config_parses_and_matches_the_defaults() {
         let text = include_str!("../config.toml.example");
         let file: FileConfig = toml::from_str(text).unwrap();
-        let c = Config::merge(file, Overrides::default()).unwrap();
+        let c = Config::merge(file, Overrides::default(), Defaults::system()).unwrap();
         assert_eq!(
             c,
-            Config::merge(FileConfig::default(), Overrides::default()).unwrap()
+            Config::merge(
+                FileConfig::default(),
+                Overrides::default(),
+                Defaults::system()
+            )
+            .unwrap()
         );
+    }
+
+    #[test]
+    fn the_backend_comes_from_the_flag_then_the_file() {
+        let file = parse("backend = \"fuse-overlayfs\"").unwrap();
+        let c = Config::merge(file, Overrides::default(), Defaults::system()).unwrap();
+        assert_eq!(c.backend, Backend::FuseOverlayfs);
+        let file = parse("backend = \"fuse-overlayfs\"").unwrap();
+        let flags = Overrides {
+            backend: Some(Backend::Overlayfs),
+            ..Default::default()
+        };
+        let c = Config::merge(file, flags, Defaults::system()).unwrap();
+        assert_eq!(c.backend, Backend::Overlayfs);
+        let err = parse("backend = \"fuse\"").unwrap_err();
+        assert!(format!("{err:#}").contains("fuse-overlayfs"), "{err:#}");
+    }
+
+    #[test]
+    fn rootless_defaults_are_per_user_xdg_paths() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let d = Defaults::user(env(&[
+            ("HOME", "/home/u"),
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+        ]));
+        assert_eq!(d.root, Ok("/home/u/.local/share/ontop".into()));
+        assert_eq!(d.address, Ok("/run/user/1000/ontop/ontop.sock".into()));
+        assert_eq!(d.config, Some("/home/u/.config/ontop/config.toml".into()));
+        let d = Defaults::user(env(&[
+            ("HOME", "/home/u"),
+            ("XDG_DATA_HOME", "/data"),
+            ("XDG_CONFIG_HOME", "/conf"),
+        ]));
+        assert_eq!(d.root, Ok("/data/ontop".into()));
+        assert_eq!(d.config, Some("/conf/ontop/config.toml".into()));
+        let err = Config::merge(FileConfig::default(), Overrides::default(), d).unwrap_err();
+        assert!(err.to_string().contains("XDG_RUNTIME_DIR"), "{err}");
+        let d = Defaults::user(env(&[("HOME", "relative")]));
+        assert!(d.root.unwrap_err().contains("--root"));
     }
 }

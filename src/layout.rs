@@ -7,6 +7,7 @@
 //! <root>/snapshots/<id>/work  overlay's work dir (active snapshots only)
 //! <root>/snapshots/<id>/base  symlink to the host base directory, if any
 //! <root>/tmp/              snapshots being built, before they get an id
+//! <root>/empty/            always empty: the lower dir of a mapped snapshot with no parent
 //! <root>/trash/            directories waiting to be deleted
 //! ```
 //!
@@ -104,8 +105,14 @@ impl Layout {
         fs::rename(&tmp, &link)
     }
 
-    fn tmp_dir(&self) -> PathBuf {
+    /// Scratch space on the snapshots' filesystem, emptied at start-up.
+    pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    /// A directory that stays empty, for a layered mount with no layers.
+    pub fn empty_dir(&self) -> PathBuf {
+        self.root.join("empty")
     }
 
     fn trash_dir(&self) -> PathBuf {
@@ -120,6 +127,7 @@ impl Layout {
             self.snapshots_dir(),
             self.tmp_dir(),
             self.trash_dir(),
+            self.empty_dir(),
         ] {
             fs::DirBuilder::new()
                 .recursive(true)

@@ -5,15 +5,18 @@
 //!   against filesystem steps;
 //! - [`store`] owns the SQLite schema and every query;
 //! - [`layout`] owns the directories under the root;
+//! - [`backend`] checks that kernel overlayfs or fuse-overlayfs works here;
 //! - [`mounts`] and [`filter`] are pure: mount specs, and containerd's
 //!   filter language.
 
+pub mod backend;
 pub mod base;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod filter;
 pub mod grpc;
+pub mod idmap;
 pub mod labels;
 pub mod layout;
 pub mod mounts;

@@ -38,9 +38,13 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Config file [default: /etc/ontop/config.toml when it exists].
+    /// Config file [default: /etc/ontop/config.toml when it exists; for
+    /// users other than root, ~/.config/ontop/config.toml].
     #[arg(long)]
     config: Option<PathBuf>,
+    /// How mounts are made: the kernel's overlayfs, or fuse-overlayfs.
+    #[arg(long, value_enum)]
+    backend: Option<ontop::backend::Backend>,
     /// Where snapshots and metadata live.
     #[arg(long)]
     root: Option<PathBuf>,
@@ -96,6 +100,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let flags = Overrides {
+                backend: args.backend,
                 root: args.root,
                 address: args.address,
                 log_level: args.log_level,

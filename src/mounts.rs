@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::{self, Backend};
+use crate::idmap::IdMapping;
 use crate::snapshot::Kind;
 
 /// One mount for containerd to perform, in containerd's `Mount` shape.
@@ -13,9 +15,11 @@ pub struct Mount {
     pub options: Vec<String>,
 }
 
-/// Overlay options decided once at start-up from the kernel and config.
+/// Overlay options decided once at start-up from the backend, the kernel
+/// and config.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OverlayOptions {
+    pub backend: Backend,
     /// `index=off`: set when the kernel has the overlay `index` parameter,
     /// so that a lower dir reused in another overlay does not fail with
     /// ESTALE, as containerd's overlay snapshotter does.
@@ -23,30 +27,22 @@ pub struct OverlayOptions {
     /// `userxattr`: needed when mounting inside a user namespace, where the
     /// kernel refuses `trusted.*` xattrs.
     pub userxattr: bool,
-    /// Extra options from config, for overlay mounts only.
+    /// Extra options from config, for layered mounts only.
     pub extra: Vec<String>,
 }
 
 impl OverlayOptions {
-    /// Reads what the running kernel and process need.
-    pub fn detect(extra: Vec<String>) -> OverlayOptions {
+    /// Reads what the backend, the running kernel and process need.
+    /// `index=off` and `userxattr` are kernel overlay options that
+    /// fuse-overlayfs does not take.
+    pub fn detect(backend: Backend, extra: Vec<String>) -> OverlayOptions {
+        let kernel = backend == Backend::Overlayfs;
         OverlayOptions {
-            index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
-            userxattr: in_user_namespace(),
+            backend,
+            index_off: kernel && Path::new("/sys/module/overlay/parameters/index").exists(),
+            userxattr: kernel && backend::in_user_namespace(),
             extra,
         }
-    }
-}
-
-/// True when this process runs in a user namespace other than the initial
-/// one, which maps the whole 32-bit id range onto itself.
-pub fn in_user_namespace() -> bool {
-    match std::fs::read_to_string("/proc/self/uid_map") {
-        Ok(map) => {
-            let fields: Vec<&str> = map.split_whitespace().collect();
-            fields != ["0", "0", "4294967295"]
-        }
-        Err(_) => false,
     }
 }
 
@@ -63,22 +59,44 @@ pub struct Layers {
     pub base: Option<PathBuf>,
     /// Overlay's `volatile` for writable mounts: no syncs, throwaway data.
     pub volatile: bool,
+    /// User-namespace id mappings (fuse-overlayfs only).
+    pub idmap: IdMapping,
+    /// An empty directory, the lower layer of a mapped snapshot that has
+    /// nothing under it.
+    pub empty: PathBuf,
 }
 
 /// The mounts for an active snapshot or a view, following containerd's
 /// overlay snapshotter shape for shape.
 pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
     let readonly = layers.kind == Kind::View;
+    // fuse-overlayfs maps ids only on its own mounts: a bind would show
+    // the container the ids stored on disk, and store its writes with
+    // host ids. A mapped snapshot is always layered.
+    let mapped = opts.backend == Backend::FuseOverlayfs && !layers.idmap.is_empty();
     // The base is the bottom layer: a snapshot with nothing but a base is
     // still an overlay of its upper over the base, never a bind of the
     // base itself, which must not be written.
-    let lowers: Vec<&PathBuf> = layers.parents.iter().chain(&layers.base).collect();
+    let mut lowers: Vec<&Path> = layers
+        .parents
+        .iter()
+        .chain(&layers.base)
+        .map(PathBuf::as_path)
+        .collect();
     if lowers.is_empty() {
-        // Overlay needs at least one lower dir, and a lone tree needs no
-        // overlay anyway: bind it.
-        return vec![bind(&layers.upper, readonly, true)];
+        if !mapped {
+            // Overlay needs at least one lower dir, and a lone tree needs
+            // no overlay anyway: bind it.
+            return vec![bind(&layers.upper, readonly, true)];
+        }
+        // A view's own tree is empty and read-only: it can be the lower.
+        lowers.push(if readonly {
+            &layers.upper
+        } else {
+            &layers.empty
+        });
     }
-    if readonly && lowers.len() == 1 {
+    if readonly && lowers.len() == 1 && !mapped {
         // A view of one layer is that layer, read-only. A host base is
         // bound without `rbind`: a read-only remount does not reach the
         // submounts an rbind would bring along, and they must not be
@@ -97,16 +115,19 @@ pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
         options.push(format!("workdir={}", layers.work.display()));
         options.push(format!("upperdir={}", layers.upper.display()));
     }
-    // Without an upperdir the kernel makes the overlay read-only, which is
-    // what a multi-layer view needs.
+    // Without an upperdir the mount is read-only, which is what a
+    // multi-layer view needs.
     let lowers: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
     options.push(format!("lowerdir={}", lowers.join(":")));
     if layers.volatile && !readonly {
         options.push("volatile".to_string());
     }
+    if opts.backend == Backend::FuseOverlayfs {
+        options.extend(layers.idmap.fuse_options());
+    }
     options.extend(opts.extra.iter().cloned());
     vec![Mount {
-        fstype: "overlay".into(),
+        fstype: opts.backend.mount_type().into(),
         source: "overlay".into(),
         options,
     }]
@@ -135,6 +156,8 @@ mod tests {
             parents: parents.iter().map(PathBuf::from).collect(),
             base: None,
             volatile: false,
+            idmap: IdMapping::default(),
+            empty: "/r/empty".into(),
         }
     }
 
@@ -145,6 +168,7 @@ mod tests {
 
     fn opts(index_off: bool, userxattr: bool, extra: &[&str]) -> OverlayOptions {
         OverlayOptions {
+            backend: Backend::Overlayfs,
             index_off,
             userxattr,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -300,5 +324,105 @@ mod tests {
         );
         let m = build(&layers(Kind::Active, &[]), &o);
         assert_eq!(m[0].options, ["rw", "rbind"]);
+    }
+
+    fn fuse(extra: &[&str]) -> OverlayOptions {
+        OverlayOptions {
+            backend: Backend::FuseOverlayfs,
+            ..opts(false, false, extra)
+        }
+    }
+
+    fn mapped(mut l: Layers) -> Layers {
+        l.idmap = IdMapping {
+            uids: vec![crate::idmap::Range {
+                container: 0,
+                host: 100000,
+                size: 65536,
+            }],
+            gids: vec![],
+        };
+        l
+    }
+
+    #[test]
+    fn fuse_mounts_have_the_same_shapes_with_the_fuse_type() {
+        let o = fuse(&["metacopy=off"]);
+        let fuse_mount = |options: &[&str]| mount("fuse3.fuse-overlayfs", "overlay", options);
+        let cases = [
+            (
+                layers(Kind::Active, &[]),
+                mount("bind", "/r/snapshots/9/fs", &["rw", "rbind"]),
+            ),
+            (
+                layers(Kind::View, &["/r/snapshots/1/fs"]),
+                mount("bind", "/r/snapshots/1/fs", &["ro", "rbind"]),
+            ),
+            (
+                layers(Kind::Active, &["/r/snapshots/2/fs", "/r/snapshots/1/fs"]),
+                fuse_mount(&[
+                    "workdir=/r/snapshots/9/work",
+                    "upperdir=/r/snapshots/9/fs",
+                    "lowerdir=/r/snapshots/2/fs:/r/snapshots/1/fs",
+                    "metacopy=off",
+                ]),
+            ),
+            (
+                layers(Kind::View, &["/r/snapshots/2/fs", "/r/snapshots/1/fs"]),
+                fuse_mount(&[
+                    "lowerdir=/r/snapshots/2/fs:/r/snapshots/1/fs",
+                    "metacopy=off",
+                ]),
+            ),
+            (
+                on_base(layers(Kind::Active, &[])),
+                fuse_mount(&[
+                    "workdir=/r/snapshots/9/work",
+                    "upperdir=/r/snapshots/9/fs",
+                    "lowerdir=/r/snapshots/9/base",
+                    "metacopy=off",
+                ]),
+            ),
+        ];
+        for (l, want) in cases {
+            assert_eq!(build(&l, &o), vec![want], "{l:?}");
+        }
+    }
+
+    #[test]
+    fn a_mapped_snapshot_is_always_a_fuse_mount_with_its_mapping() {
+        let o = fuse(&[]);
+        let fuse_mount = |options: &[&str]| mount("fuse3.fuse-overlayfs", "overlay", options);
+        let cases = [
+            (
+                mapped(layers(Kind::Active, &[])),
+                fuse_mount(&[
+                    "workdir=/r/snapshots/9/work",
+                    "upperdir=/r/snapshots/9/fs",
+                    "lowerdir=/r/empty",
+                    "uidmapping=0:100000:65536",
+                ]),
+            ),
+            (
+                mapped(layers(Kind::View, &[])),
+                fuse_mount(&["lowerdir=/r/snapshots/9/fs", "uidmapping=0:100000:65536"]),
+            ),
+            (
+                mapped(layers(Kind::View, &["/r/snapshots/1/fs"])),
+                fuse_mount(&["lowerdir=/r/snapshots/1/fs", "uidmapping=0:100000:65536"]),
+            ),
+            (
+                mapped(layers(Kind::Active, &["/r/snapshots/1/fs"])),
+                fuse_mount(&[
+                    "workdir=/r/snapshots/9/work",
+                    "upperdir=/r/snapshots/9/fs",
+                    "lowerdir=/r/snapshots/1/fs",
+                    "uidmapping=0:100000:65536",
+                ]),
+            ),
+        ];
+        for (l, want) in cases {
+            assert_eq!(build(&l, &o), vec![want], "{l:?}");
+        }
     }
 }

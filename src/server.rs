@@ -31,7 +31,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
 
-    let overlay = OverlayOptions::detect(config.mount_options.clone());
+    let overlay = OverlayOptions::detect(config.backend, config.mount_options.clone());
     tracing::debug!(?overlay, "overlay options");
     let opts = Options {
         root: config.root.clone(),
@@ -47,6 +47,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (listener, socket_ino) = bind_socket(&config.address)?;
     tracing::info!(
         root = %config.root.display(),
+        backend = %config.backend,
         address = %config.address.display(),
         "ontop is serving"
     );

@@ -16,9 +16,11 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
+use crate::backend::{self as backends, Backend};
 use crate::base::{self, BasePolicy, BASE_LABEL};
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
+use crate::idmap::IdMapping;
 use crate::labels;
 use crate::layout::{self, Layout};
 use crate::mounts::{self, Layers, Mount, OverlayOptions};
@@ -66,6 +68,9 @@ impl Snapshotter {
             tracing::info!(count = stale, "removed directories left by an earlier run");
         }
         layout.check_d_type()?;
+        if opts.overlay.backend == Backend::FuseOverlayfs {
+            backends::check_fuse(&layout.tmp_dir())?;
+        }
         let store = Store::open(&layout.db_path())?;
         store.quick_check()?;
         Ok(Snapshotter {
@@ -113,6 +118,7 @@ impl Snapshotter {
         require_key("key", key)?;
         let mut labels = labels::validate(labels)?;
         let volatile = base::volatile(&labels)?;
+        let idmap = self.idmap(&labels)?;
         // Resolved before any transaction: the label is untrusted input,
         // and a rejection must leave nothing behind.
         let requested_base = base::requested(&labels)
@@ -179,7 +185,7 @@ impl Snapshotter {
             if let Some(b) = &base {
                 dir.link_base(b).context("linking the base directory")?;
             }
-            let layers = self.layers(kind, id, &ancestors, base.is_some(), volatile);
+            let layers = self.layers(kind, id, &ancestors, base.is_some(), volatile, idmap);
             self.layout
                 .install(dir, id)
                 .with_context(|| format!("moving snapshot {id} into place"))?;
@@ -200,16 +206,18 @@ impl Snapshotter {
     }
 
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let (rec, ancestors, volatile) = self.store.read(|tx| {
+        let (rec, ancestors, volatile, idmap) = self.store.read(|tx| {
             let rec = tx.require(key)?;
             if rec.kind == Kind::Committed {
                 return Err(Error::failed_precondition(format!(
                     "snapshot {key:?} is committed; only active snapshots and views have mounts"
                 )));
             }
-            let volatile = base::volatile(&tx.labels(rec.id)?)?;
+            let labels = tx.labels(rec.id)?;
+            let volatile = base::volatile(&labels)?;
+            let idmap = self.idmap(&labels)?;
             let ancestors = tx.ancestors(rec.id)?;
-            Ok((rec, ancestors, volatile))
+            Ok((rec, ancestors, volatile, idmap))
         })?;
         if let Some(b) = &rec.base {
             base::check_present(b)?;
@@ -228,7 +236,14 @@ impl Snapshotter {
                 .clear_volatile_marker(rec.id)
                 .context("clearing the volatile marker")?;
         }
-        let layers = self.layers(rec.kind, rec.id, &ancestors, rec.base.is_some(), volatile);
+        let layers = self.layers(
+            rec.kind,
+            rec.id,
+            &ancestors,
+            rec.base.is_some(),
+            volatile,
+            idmap,
+        );
         Ok(mounts::build(&layers, &self.overlay))
     }
 
@@ -344,6 +359,7 @@ impl Snapshotter {
             }
             labels.retain(|_, v| !v.is_empty());
             base::volatile(&labels)?;
+            self.idmap(&labels)?;
 
             let old_base = old.get(BASE_LABEL).cloned();
             let mut new_base = None;
@@ -490,6 +506,21 @@ impl Snapshotter {
         Ok(all)
     }
 
+    /// The id mappings `labels` ask for, which only the fuse backend can
+    /// apply: a kernel overlay would show the container unmapped owners.
+    fn idmap(&self, labels: &Labels) -> Result<IdMapping> {
+        let idmap = IdMapping::from_labels(labels)?;
+        if !idmap.is_empty() && self.overlay.backend != Backend::FuseOverlayfs {
+            return Err(Error::failed_precondition(format!(
+                "id mapping labels ({}, {}) need backend fuse-overlayfs; this daemon runs {}",
+                crate::idmap::UID_LABEL,
+                crate::idmap::GID_LABEL,
+                self.overlay.backend
+            )));
+        }
+        Ok(idmap)
+    }
+
     fn layers(
         &self,
         kind: Kind,
@@ -497,6 +528,7 @@ impl Snapshotter {
         ancestors: &[Id],
         has_base: bool,
         volatile: bool,
+        idmap: IdMapping,
     ) -> Layers {
         Layers {
             kind,
@@ -505,6 +537,8 @@ impl Snapshotter {
             parents: ancestors.iter().map(|&p| self.layout.fs(p)).collect(),
             base: has_base.then(|| self.layout.base_link(id)),
             volatile,
+            idmap,
+            empty: self.layout.empty_dir(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The Snapshots API against the real daemon, case by case from
 //! containerd's contract and its Go testsuite.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -34,7 +35,6 @@ fn info(name: &str, l: HashMap<String, String>) -> api::Info {
     }
 }
 
-#[tokio::test]
 async fn every_error_in_the_contract_table_has_its_code() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -238,7 +238,6 @@ async fn every_error_in_the_contract_table_has_its_code() {
     assert_eq!(std::fs::read_dir(d.root.join("tmp")).unwrap().count(), 0);
 }
 
-#[tokio::test]
 async fn error_messages_name_what_was_wrong() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -265,7 +264,6 @@ async fn error_messages_name_what_was_wrong() {
     assert!(m.contains("empty"), "{m}");
 }
 
-#[tokio::test]
 async fn stat_reports_kind_parent_and_equal_timestamps_at_creation() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -288,7 +286,6 @@ async fn stat_reports_kind_parent_and_equal_timestamps_at_creation() {
     }
 }
 
-#[tokio::test]
 async fn keys_with_slashes_and_spaces_are_opaque() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -299,7 +296,6 @@ async fn keys_with_slashes_and_spaces_are_opaque() {
     assert_eq!(d.snapshot_dirs(), ["1"]);
 }
 
-#[tokio::test]
 async fn commit_replaces_labels_and_frees_the_key_at_once() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -322,7 +318,6 @@ async fn commit_replaces_labels_and_frees_the_key_at_once() {
     assert_eq!(d.snapshot_dirs(), ["1", "2"]);
 }
 
-#[tokio::test]
 async fn keys_are_reusable_after_remove_and_ids_are_never_reused() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -338,7 +333,6 @@ async fn keys_are_reusable_after_remove_and_ids_are_never_reused() {
     );
 }
 
-#[tokio::test]
 async fn update_follows_the_testsuite() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -393,7 +387,6 @@ async fn update_follows_the_testsuite() {
     }
 }
 
-#[tokio::test]
 async fn empty_label_values_are_never_stored() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -409,7 +402,6 @@ async fn empty_label_values_are_never_stored() {
     assert_eq!(c.list(&["labels.z"]).await.unwrap(), Vec::<String>::new());
 }
 
-#[tokio::test]
 async fn list_filters_match_the_testsuite_walk() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -460,7 +452,6 @@ async fn list_filters_match_the_testsuite_walk() {
     }
 }
 
-#[tokio::test]
 async fn list_streams_in_batches_of_one_hundred() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -472,7 +463,6 @@ async fn list_streams_in_batches_of_one_hundred() {
     assert_eq!(batches, [100, 100, 50]);
 }
 
-#[tokio::test]
 async fn usage_counts_the_upper_only_and_freezes_at_commit() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -502,7 +492,6 @@ async fn usage_counts_the_upper_only_and_freezes_at_commit() {
     assert_eq!(c.usage("v").await.unwrap(), (0, 0));
 }
 
-#[tokio::test]
 async fn cleanup_removes_directories_the_database_does_not_know() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -514,3 +503,18 @@ async fn cleanup_removes_directories_the_database_does_not_know() {
     c.cleanup().await.unwrap();
     assert_eq!(d.snapshot_dirs(), ["1"]);
 }
+
+on_every_backend!(
+    every_error_in_the_contract_table_has_its_code,
+    error_messages_name_what_was_wrong,
+    stat_reports_kind_parent_and_equal_timestamps_at_creation,
+    keys_with_slashes_and_spaces_are_opaque,
+    commit_replaces_labels_and_frees_the_key_at_once,
+    keys_are_reusable_after_remove_and_ids_are_never_reused,
+    update_follows_the_testsuite,
+    empty_label_values_are_never_stored,
+    list_filters_match_the_testsuite_walk,
+    list_streams_in_batches_of_one_hundred,
+    usage_counts_the_upper_only_and_freezes_at_commit,
+    cleanup_removes_directories_the_database_does_not_know,
+);

@@ -2,13 +2,14 @@
 //! mounted with the real kernel overlayfs. The host tree must come out of
 //! every operation exactly as it went in.
 
+#[macro_use]
 mod common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use common::{code, labels, mount_all, tree_state, unmount, Client, Daemon};
+use common::{code, labels, mount_all, tree_state, unmount, Backend, Client, Daemon};
 use ontop::base::{BASE_LABEL, VOLATILE_LABEL};
 use ontop::containerd_api::snapshots::v1 as api;
 use tonic::Code;
@@ -44,7 +45,6 @@ async fn view_with(
     c.view(key, parent).await.unwrap()
 }
 
-#[tokio::test]
 async fn writes_go_to_the_upper_and_the_host_tree_stays_identical() {
     let d = Daemon::start_with_bases("").await;
     let host = host_tree(&d, "tree");
@@ -53,7 +53,8 @@ async fn writes_go_to_the_upper_and_the_host_tree_stays_identical() {
 
     let mounts = c.prepare_with("k", "", base(&host)).await.unwrap();
     assert_eq!(
-        mounts[0].r#type, "overlay",
+        mounts[0].r#type,
+        common::layered(),
         "a base-only snapshot is an overlay, not a bind"
     );
     let target = d.mountpoint("k");
@@ -97,7 +98,15 @@ async fn writes_go_to_the_upper_and_the_host_tree_stays_identical() {
 
     // Mounting again shows the container's changes, still over the host.
     mount_all(&c.mounts("k").await.unwrap(), &target);
-    assert_eq!(read(&target.join("a.txt")), "changed\n");
+    assert_eq!(read(&target.join("new.txt")), "new\n");
+    assert_eq!(read(&target.join("moved.txt")), "host c\n");
+    if common::backend() == Backend::Overlayfs {
+        // a.txt has a hard link (a-hard) in the host tree. fuse-overlayfs
+        // 1.10 copies a write to one name of a lower hard link up under the
+        // other name, and a remount shows neither: its bug, not ontop's,
+        // and the host tree is untouched either way (checked above).
+        assert_eq!(read(&target.join("a.txt")), "changed\n");
+    }
     assert!(!target.join("dir/b.txt").exists());
     unmount(&target);
 
@@ -107,7 +116,6 @@ async fn writes_go_to_the_upper_and_the_host_tree_stays_identical() {
     assert_eq!(tree_state(&host), before);
 }
 
-#[tokio::test]
 async fn a_base_set_by_update_takes_effect_at_the_next_mounts() {
     let d = Daemon::start_with_bases("").await;
     let host = host_tree(&d, "tree");
@@ -128,7 +136,7 @@ async fn a_base_set_by_update_takes_effect_at_the_next_mounts() {
     assert_eq!(st.labels.get(BASE_LABEL).map(String::as_str), host.to_str());
 
     let mounts = c.mounts("k").await.unwrap();
-    assert_eq!(mounts[0].r#type, "overlay");
+    assert_eq!(mounts[0].r#type, common::layered());
     let target = d.mountpoint("k");
     mount_all(&mounts, &target);
     assert_eq!(read(&target.join("dir/b.txt")), "host b\n");
@@ -148,7 +156,6 @@ async fn a_base_set_by_update_takes_effect_at_the_next_mounts() {
     assert!(!d.root.join("snapshots/1/base").exists());
 }
 
-#[tokio::test]
 async fn the_base_survives_commit_into_children_and_views() {
     let d = Daemon::start_with_bases("").await;
     let host = host_tree(&d, "tree");
@@ -195,7 +202,7 @@ async fn the_base_survives_commit_into_children_and_views() {
     // Views of one and of two layers over the base: read-only, base included.
     for (key, parent) in [("v1", "l1"), ("v2", "l2")] {
         let mounts = view_with(&mut c, key, parent).await;
-        assert_eq!(mounts[0].r#type, "overlay", "{key}");
+        assert_eq!(mounts[0].r#type, common::layered(), "{key}");
         assert!(!mounts[0].options.iter().any(|o| o.starts_with("upperdir")));
         let t = d.mountpoint(key);
         mount_all(&mounts, &t);
@@ -217,7 +224,6 @@ async fn the_base_survives_commit_into_children_and_views() {
     assert_eq!(tree_state(&host), before);
 }
 
-#[tokio::test]
 async fn a_view_of_a_bare_base_is_a_read_only_bind_that_hides_host_submounts() {
     let d = Daemon::start_with_bases("").await;
     let host = host_tree(&d, "tree");
@@ -276,7 +282,6 @@ async fn a_view_of_a_bare_base_is_a_read_only_bind_that_hides_host_submounts() {
     nix::mount::umount(&sub).unwrap();
 }
 
-#[tokio::test]
 async fn the_base_of_a_chain_cannot_be_changed_once_built_on() {
     let d = Daemon::start_with_bases("").await;
     let host = host_tree(&d, "tree");
@@ -334,7 +339,6 @@ async fn the_base_of_a_chain_cannot_be_changed_once_built_on() {
     );
 }
 
-#[tokio::test]
 async fn untrusted_base_labels_are_refused_and_leave_nothing_behind() {
     let d = Daemon::start_with_bases("").await;
     let hosts = d.hosts();
@@ -403,7 +407,6 @@ async fn untrusted_base_labels_are_refused_and_leave_nothing_behind() {
     );
 }
 
-#[tokio::test]
 async fn with_no_base_roots_the_feature_is_off_and_says_how_to_enable_it() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -416,7 +419,6 @@ async fn with_no_base_roots_the_feature_is_off_and_says_how_to_enable_it() {
     assert!(d.snapshot_dirs().is_empty());
 }
 
-#[tokio::test]
 async fn paths_with_commas_colons_spaces_and_great_length_work() {
     let d = Daemon::start_with_bases("").await;
     let long: PathBuf = (0..12)
@@ -448,7 +450,6 @@ async fn paths_with_commas_colons_spaces_and_great_length_work() {
     }
 }
 
-#[tokio::test]
 async fn volatile_snapshots_mount_again_and_again() {
     let d = Daemon::start_with_bases("").await;
     let host = host_tree(&d, "tree");
@@ -466,8 +467,10 @@ async fn volatile_snapshots_mount_again_and_again() {
         mount_all(&c.mounts("k").await.unwrap(), &t);
         fs::write(t.join(format!("round-{round}")), "x").unwrap();
         unmount(&t);
-        assert!(
+        // fuse-overlayfs keeps no such marker.
+        assert_eq!(
             marker.exists(),
+            common::backend() == Backend::Overlayfs,
             "the kernel leaves its marker after round {round}"
         );
     }
@@ -484,7 +487,6 @@ async fn volatile_snapshots_mount_again_and_again() {
     assert!(mounts[0].options.contains(&"volatile".to_string()));
 }
 
-#[tokio::test]
 async fn a_vanished_base_fails_mounts_but_not_stat_list_or_remove() {
     let d = Daemon::start_with_bases("").await;
     let host = host_tree(&d, "tree");
@@ -518,7 +520,6 @@ async fn a_vanished_base_fails_mounts_but_not_stat_list_or_remove() {
     assert!(moved.join("a.txt").exists());
 }
 
-#[tokio::test]
 async fn a_chain_of_128_layers_mounts_on_a_base() {
     let d = Daemon::start_with_bases("").await;
     let host = host_tree(&d, "tree");
@@ -558,3 +559,17 @@ async fn a_chain_of_128_layers_mounts_on_a_base() {
     unmount(&t);
     assert_eq!(tree_state(&host), before);
 }
+
+on_every_backend!(
+    writes_go_to_the_upper_and_the_host_tree_stays_identical,
+    a_base_set_by_update_takes_effect_at_the_next_mounts,
+    the_base_survives_commit_into_children_and_views,
+    a_view_of_a_bare_base_is_a_read_only_bind_that_hides_host_submounts,
+    the_base_of_a_chain_cannot_be_changed_once_built_on,
+    untrusted_base_labels_are_refused_and_leave_nothing_behind,
+    with_no_base_roots_the_feature_is_off_and_says_how_to_enable_it,
+    paths_with_commas_colons_spaces_and_great_length_work,
+    volatile_snapshots_mount_again_and_again,
+    a_vanished_base_fails_mounts_but_not_stat_list_or_remove,
+    a_chain_of_128_layers_mounts_on_a_base,
+);

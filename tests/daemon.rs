@@ -324,3 +324,32 @@ async fn bad_config_and_json_logs() {
         "{first}"
     );
 }
+
+#[tokio::test]
+async fn the_fuse_backend_refuses_to_start_without_fuse_overlayfs_on_path() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let out = Command::new(BIN)
+        .args(["serve", "--backend", "fuse-overlayfs", "--root"])
+        .arg(&root)
+        .arg("--address")
+        .arg(dir.path().join("ontop.sock"))
+        // Everything a system has, but no fuse-overlayfs.
+        .env("PATH", dir.path().join("empty-bin"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("needs the fuse-overlayfs program on PATH") && err.contains("empty-bin"),
+        "{err}"
+    );
+    assert!(!dir.path().join("ontop.sock").exists());
+    // An unknown backend is refused, naming the real ones.
+    let out = Command::new(BIN)
+        .args(["serve", "--backend", "nonsense"])
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("fuse-overlayfs"), "{}", stderr(&out));
+}

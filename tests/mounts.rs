@@ -1,21 +1,21 @@
 //! Mount-level behaviour: mount what the daemon returns with the real
-//! kernel overlayfs and check what a container would see. Mirrors the
-//! filesystem cases of containerd's snapshotter testsuite.
+//! kernel overlayfs or fuse-overlayfs and check what a container would
+//! see. Mirrors the filesystem cases of containerd's snapshotter testsuite.
 
+#[macro_use]
 mod common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use common::{code, mount_all, unmount, Daemon};
+use common::{code, labels, mount_all, unmount, Backend, Daemon};
 use tonic::Code;
 
 fn read(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
 
-#[tokio::test]
 async fn a_committed_write_is_seen_by_a_child_and_a_change_in_the_child_stays_there() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -44,7 +44,6 @@ async fn a_committed_write_is_seen_by_a_child_and_a_change_in_the_child_stays_th
     );
 }
 
-#[tokio::test]
 async fn deletes_renames_and_directory_removal_across_layers() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -75,7 +74,6 @@ async fn deletes_renames_and_directory_removal_across_layers() {
     assert_eq!(names, ["renamed"]);
 }
 
-#[tokio::test]
 async fn a_chown_survives_commit() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -97,7 +95,6 @@ async fn a_chown_survives_commit() {
     assert_eq!((md.uid(), md.gid()), (4321, 8765));
 }
 
-#[tokio::test]
 async fn directory_modes_survive_commit() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -124,7 +121,6 @@ async fn directory_modes_survive_commit() {
     );
 }
 
-#[tokio::test]
 async fn views_are_really_read_only() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -137,7 +133,7 @@ async fn views_are_really_read_only() {
     for (key, parent, shape) in [
         ("v0", "", "bind"),
         ("v1", "l1", "bind"),
-        ("v2", "l2", "overlay"),
+        ("v2", "l2", common::layered()),
     ] {
         let mounts = c.view(key, parent).await.unwrap();
         assert_eq!(mounts[0].r#type, shape, "{key}");
@@ -153,7 +149,6 @@ async fn views_are_really_read_only() {
     }
 }
 
-#[tokio::test]
 async fn a_new_root_is_0755_and_a_child_root_takes_its_parents_owner() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -174,7 +169,6 @@ async fn a_new_root_is_0755_and_a_child_root_takes_its_parents_owner() {
     assert_eq!((md.uid(), md.gid()), (1000, 1001));
 }
 
-#[tokio::test]
 async fn a_chain_of_128_layers_mounts_and_reads_right() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -214,7 +208,6 @@ async fn a_chain_of_128_layers_mounts_and_reads_right() {
     assert_eq!(read(&target.join("f0")), "0");
 }
 
-#[tokio::test]
 async fn removing_an_intermediate_snapshot_fails_until_its_child_is_gone() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -231,8 +224,9 @@ async fn removing_an_intermediate_snapshot_fails_until_its_child_is_gone() {
     assert!(d.snapshot_dirs().is_empty(), "{:?}", d.snapshot_dirs());
 }
 
-#[tokio::test]
-async fn overlay_mounts_carry_the_kernel_options() {
+/// Kernel overlay gets `index=off` where the kernel has the parameter and
+/// `userxattr` only in a user namespace; fuse-overlayfs takes neither.
+async fn layered_mounts_carry_the_backends_options() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
     c.layer(&d, "base", "", |_| {}).await;
@@ -241,10 +235,13 @@ async fn overlay_mounts_carry_the_kernel_options() {
     let m = &mounts[0];
     assert_eq!(
         (m.r#type.as_str(), m.source.as_str()),
-        ("overlay", "overlay")
+        (common::layered(), "overlay")
     );
     let has_index = Path::new("/sys/module/overlay/parameters/index").exists();
-    assert_eq!(m.options.iter().any(|o| o == "index=off"), has_index);
+    assert_eq!(
+        m.options.iter().any(|o| o == "index=off"),
+        has_index && common::backend() == Backend::Overlayfs
+    );
     assert!(
         !m.options.iter().any(|o| o == "userxattr"),
         "not in a user namespace"
@@ -261,9 +258,13 @@ async fn overlay_mounts_carry_the_kernel_options() {
     )));
 }
 
-#[tokio::test]
-async fn configured_mount_options_reach_overlay_mounts_only() {
-    let d = Daemon::start_with_config("mount_options = [\"redirect_dir=off\"]").await;
+async fn configured_mount_options_reach_layered_mounts_only() {
+    // An option each backend understands.
+    let option = match common::backend() {
+        Backend::Overlayfs => "redirect_dir=off",
+        Backend::FuseOverlayfs => "noacl",
+    };
+    let d = Daemon::start_with_config(&format!("mount_options = [{option:?}]")).await;
     let mut c = d.client().await;
     assert_eq!(
         c.prepare("b", "").await.unwrap()[0].options,
@@ -271,8 +272,85 @@ async fn configured_mount_options_reach_overlay_mounts_only() {
     );
     c.commit("base", "b").await.unwrap();
     let mounts = c.prepare("a", "base").await.unwrap();
-    assert_eq!(mounts[0].options.last().unwrap(), "redirect_dir=off");
+    assert_eq!(mounts[0].options.last().unwrap(), option);
     let target = d.mountpoint("a");
     mount_all(&mounts, &target);
     fs::write(target.join("f"), "x").unwrap();
 }
+
+/// containerd's `WithRemapperLabels` for user namespaces. fuse-overlayfs
+/// shifts owners on the fly; a kernel overlay cannot, so that backend
+/// refuses the labels rather than show a container unmapped owners.
+async fn id_mapping_labels_shift_owners_on_fuse_and_are_refused_by_the_kernel() {
+    use std::os::unix::fs::{chown, MetadataExt};
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    c.layer(&d, "l1", "", |r| {
+        fs::write(r.join("root-file"), "r").unwrap();
+        fs::write(r.join("user-file"), "u").unwrap();
+        chown(r.join("user-file"), Some(5), Some(7)).unwrap();
+    })
+    .await;
+    let mapping = labels(&[
+        ("containerd.io/snapshot/uidmapping", "0:100000:65536"),
+        ("containerd.io/snapshot/gidmapping", "0:200000:65536"),
+    ]);
+    let malformed = labels(&[("containerd.io/snapshot/uidmapping", "0:100000")]);
+    let err = c.prepare_with("bad", "l1", malformed).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("ctrID:hostID:size"), "{err}");
+
+    if common::backend() == Backend::Overlayfs {
+        let err = c.prepare_with("m", "l1", mapping).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(
+            err.message().contains("need backend fuse-overlayfs"),
+            "{err}"
+        );
+        assert_eq!(code(c.stat("m").await), Code::NotFound);
+        return;
+    }
+
+    let mounts = c.prepare_with("m", "l1", mapping.clone()).await.unwrap();
+    let opts = &mounts[0].options;
+    assert!(
+        opts.contains(&"uidmapping=0:100000:65536".to_string()),
+        "{opts:?}"
+    );
+    assert!(
+        opts.contains(&"gidmapping=0:200000:65536".to_string()),
+        "{opts:?}"
+    );
+    let target = d.mountpoint("m");
+    mount_all(&mounts, &target);
+    let owner = |name: &str| {
+        let md = fs::metadata(target.join(name)).unwrap();
+        (md.uid(), md.gid())
+    };
+    assert_eq!(owner("root-file"), (100000, 200000));
+    assert_eq!(owner("user-file"), (100005, 200007));
+    unmount(&target);
+
+    // Even a snapshot with no parent, which would otherwise be a bind of
+    // its tree, is mounted through fuse-overlayfs to map its owners.
+    let mounts = c.prepare_with("fresh", "", mapping).await.unwrap();
+    assert_eq!(mounts[0].r#type, "fuse3.fuse-overlayfs");
+    let target = d.mountpoint("fresh");
+    mount_all(&mounts, &target);
+    assert_eq!(fs::metadata(&target).unwrap().uid(), 100000);
+    unmount(&target);
+}
+
+on_every_backend!(
+    a_committed_write_is_seen_by_a_child_and_a_change_in_the_child_stays_there,
+    deletes_renames_and_directory_removal_across_layers,
+    a_chown_survives_commit,
+    directory_modes_survive_commit,
+    views_are_really_read_only,
+    a_new_root_is_0755_and_a_child_root_takes_its_parents_owner,
+    a_chain_of_128_layers_mounts_and_reads_right,
+    removing_an_intermediate_snapshot_fails_until_its_child_is_gone,
+    layered_mounts_carry_the_backends_options,
+    configured_mount_options_reach_layered_mounts_only,
+    id_mapping_labels_shift_owners_on_fuse_and_are_refused_by_the_kernel,
+);

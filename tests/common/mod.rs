@@ -1,23 +1,73 @@
 //! The shared harness: starts the real `ontop serve` binary on a temporary
 //! root and socket, hands out gRPC clients, mounts what the daemon returns
 //! the way containerd does, and unmounts everything even when a test fails.
+//!
+//! Suites that hold for both backends list their tests in
+//! `on_every_backend!`, which runs each one as `overlayfs::NAME` and
+//! `fuse_overlayfs::NAME`; daemons started inside get that backend.
 
 #![allow(dead_code)]
 
 pub mod containerd;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ontop::admin::v1::admin_client::AdminClient;
+pub use ontop::backend::Backend;
 use ontop::containerd_api::snapshots::v1::{self as api, snapshots_client::SnapshotsClient};
 use ontop::containerd_api::types::Mount;
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ontop");
+
+tokio::task_local! {
+    static BACKEND: Backend;
+}
+
+/// Runs `test` with daemons on `backend`.
+pub async fn on_backend<F: Future>(backend: Backend, test: F) -> F::Output {
+    BACKEND.scope(backend, test).await
+}
+
+/// The backend of the running test: the kernel's unless it runs under
+/// `on_every_backend!`.
+pub fn backend() -> Backend {
+    BACKEND.try_with(|b| *b).unwrap_or_default()
+}
+
+/// The `type` of layered (non-bind) mounts on the running test's backend.
+pub fn layered() -> &'static str {
+    backend().mount_type()
+}
+
+/// Runs each named `async fn` once per backend, as `overlayfs::NAME` and
+/// `fuse_overlayfs::NAME`.
+#[allow(unused_macros)]
+macro_rules! on_every_backend {
+    ($($test:ident),+ $(,)?) => {
+        mod overlayfs {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    crate::common::on_backend(crate::common::Backend::Overlayfs, super::$test()).await
+                }
+            )+
+        }
+        mod fuse_overlayfs {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    crate::common::on_backend(crate::common::Backend::FuseOverlayfs, super::$test()).await
+                }
+            )+
+        }
+    };
+}
 
 /// Fails the test with a clear reason when it is not run as root: mount
 /// tests must run, never skip.
@@ -29,11 +79,26 @@ pub fn require_root() {
 }
 
 pub struct Daemon {
+    pub backend: Backend,
     pub dir: tempfile::TempDir,
     pub root: PathBuf,
     pub socket: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Set for a daemon run rootless (see `start_rootless`).
+    rootless: Option<Rootless>,
+}
+
+/// An unprivileged user, and the per-user directories ontop defaults to.
+#[derive(Debug, Clone)]
+pub struct Rootless {
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+    pub runtime_dir: PathBuf,
+    /// A copy of the binary the user can reach: the build tree may be
+    /// under a directory only root can enter.
+    pub bin: PathBuf,
 }
 
 impl Daemon {
@@ -68,19 +133,129 @@ impl Daemon {
         let socket = dir.path().join("run/ontop.sock");
         std::fs::write(dir.path().join("config.toml"), config(dir.path())).unwrap();
         let mut d = Daemon {
+            backend: backend(),
             log: dir.path().join("daemon.log"),
             dir,
             root,
             socket,
             child: None,
+            rootless: None,
         };
         d.spawn().await;
         d
     }
 
+    /// Starts `ontop serve` as the unprivileged `uid`:`gid` inside a new
+    /// user and mount namespace, the way rootless containerd runs it
+    /// (`unshare --user --map-root-user --mount`), with no root, socket
+    /// or config given: it must pick its per-user defaults under the
+    /// HOME and XDG_RUNTIME_DIR made here.
+    pub async fn start_rootless(uid: u32, gid: u32) -> Daemon {
+        let mut d = Daemon::rootless(uid, gid);
+        d.spawn().await;
+        d
+    }
+
+    /// Starts the daemon expecting it to refuse to run; returns its log.
+    pub fn start_expecting_failure(&mut self) -> String {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let mut child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting ontop serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ontop serve kept running:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "ontop serve exited 0:\n{}", self.log());
+        self.log()
+    }
+
+    /// A rootless daemon, set up but not started.
+    pub fn rootless(uid: u32, gid: u32) -> Daemon {
+        require_root();
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("ontop-rootless-")
+            .tempdir()
+            .expect("creating test dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let home = dir.path().join("home");
+        let runtime_dir = dir.path().join("run");
+        let mnt = dir.path().join("mnt");
+        for d in [&home, &runtime_dir, &mnt] {
+            std::fs::create_dir(d).unwrap();
+            std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+        }
+        std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let bin = dir.path().join("ontop");
+        std::fs::copy(BIN, &bin).unwrap();
+        Daemon {
+            backend: backend(),
+            log: dir.path().join("daemon.log"),
+            root: home.join(".local/share/ontop"),
+            socket: runtime_dir.join("ontop/ontop.sock"),
+            dir,
+            child: None,
+            rootless: Some(Rootless {
+                uid,
+                gid,
+                home,
+                runtime_dir,
+                bin,
+            }),
+        }
+    }
+
+    /// The pid of the running daemon, which is in its own namespaces when
+    /// rootless.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// The command that starts the daemon: the binary itself, or for a
+    /// rootless daemon setpriv and unshare, which exec into it, so the
+    /// child's pid is the daemon's.
+    fn command(&self) -> Command {
+        let Some(r) = &self.rootless else {
+            let mut cmd = Command::new(BIN);
+            cmd.args(self.args());
+            return cmd;
+        };
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={}", r.uid))
+            .arg(format!("--regid={}", r.gid))
+            .arg("--clear-groups")
+            .args(["unshare", "--user", "--map-root-user", "--mount"])
+            .arg(&r.bin)
+            .args([
+                "serve",
+                "--backend",
+                self.backend.as_str(),
+                "--log-level",
+                "debug",
+            ])
+            .env_clear()
+            .env("HOME", &r.home)
+            .env("XDG_RUNTIME_DIR", &r.runtime_dir)
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        cmd
+    }
+
     fn args(&self) -> Vec<String> {
         vec![
             "serve".into(),
+            "--backend".into(),
+            self.backend.as_str().into(),
             "--config".into(),
             self.dir.path().join("config.toml").display().to_string(),
             "--root".into(),
@@ -99,8 +274,8 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
-            .args(self.args())
+        let child = self
+            .command()
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -491,6 +666,24 @@ fn mount_one(m: &Mount, target: &Path) {
                 .arg(target)
                 .output()
                 .expect("running mount");
+            assert!(
+                out.status.success(),
+                "mount {m:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        fuse if fuse.starts_with("fuse3.") => {
+            // containerd's mountWithHelper: no lowerdir compaction, each
+            // option its own -o, the subtype as -t.
+            let mut cmd = Command::new("mount.fuse3");
+            cmd.arg(&m.source).arg(target);
+            for o in &m.options {
+                cmd.args(["-o", o]);
+            }
+            let out = cmd
+                .args(["-t", &fuse["fuse3.".len()..]])
+                .output()
+                .expect("running mount.fuse3");
             assert!(
                 out.status.success(),
                 "mount {m:?} failed: {}",

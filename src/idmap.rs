@@ -1,0 +1,151 @@
+//! User-namespace id mappings, as containerd asks for them in labels
+//! (`WithRemapperLabels`): `containerd.io/snapshot/uidmapping` and
+//! `.../gidmapping`, each `ctrID:hostID:size[,ctrID:hostID:size...]`.
+//!
+//! fuse-overlayfs applies them on the fly, so a layer stored with the
+//! container's ids shows the host's ids through the mount, and writes go
+//! back to disk with the container's ids. Its option takes the same
+//! triples, but colon-separated throughout, since a comma ends a mount
+//! option.
+
+use crate::error::{Error, Result};
+use crate::snapshot::Labels;
+
+pub const UID_LABEL: &str = "containerd.io/snapshot/uidmapping";
+pub const GID_LABEL: &str = "containerd.io/snapshot/gidmapping";
+
+/// One contiguous range: `size` ids from `container` map onto `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub container: u32,
+    pub host: u32,
+    pub size: u32,
+}
+
+/// The mappings of one snapshot; either list may be empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdMapping {
+    pub uids: Vec<Range>,
+    pub gids: Vec<Range>,
+}
+
+impl IdMapping {
+    /// Reads and checks the mapping labels, if any.
+    pub fn from_labels(labels: &Labels) -> Result<IdMapping> {
+        let parse = |label: &str| {
+            labels
+                .get(label)
+                .map_or(Ok(Vec::new()), |v| parse(label, v))
+        };
+        Ok(IdMapping {
+            uids: parse(UID_LABEL)?,
+            gids: parse(GID_LABEL)?,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.uids.is_empty() && self.gids.is_empty()
+    }
+
+    /// fuse-overlayfs's `uidmapping=`/`gidmapping=` options.
+    pub fn fuse_options(&self) -> Vec<String> {
+        let option = |name: &str, ranges: &[Range]| {
+            (!ranges.is_empty()).then(|| {
+                let triples: Vec<String> = ranges
+                    .iter()
+                    .map(|r| format!("{}:{}:{}", r.container, r.host, r.size))
+                    .collect();
+                format!("{name}={}", triples.join(":"))
+            })
+        };
+        option("uidmapping", &self.uids)
+            .into_iter()
+            .chain(option("gidmapping", &self.gids))
+            .collect()
+    }
+}
+
+fn parse(label: &str, value: &str) -> Result<Vec<Range>> {
+    let bad = |why: String| {
+        Error::invalid_argument(format!(
+            "label {label}={value:?}: {why}; the format is ctrID:hostID:size[,ctrID:hostID:size...]"
+        ))
+    };
+    value
+        .split(',')
+        .map(|entry| {
+            let fields: Vec<&str> = entry.split(':').collect();
+            let [c, h, s] = fields[..] else {
+                return Err(bad(format!("{entry:?} is not three numbers")));
+            };
+            let num = |f: &str| {
+                f.parse::<u32>()
+                    .map_err(|_| bad(format!("{f:?} is not an id (0 to 4294967295)")))
+            };
+            let r = Range {
+                container: num(c)?,
+                host: num(h)?,
+                size: num(s)?,
+            };
+            if r.size == 0 {
+                return Err(bad(format!("{entry:?} maps no ids")));
+            }
+            let end = |start: u32| u64::from(start) + u64::from(r.size) > 1 << 32;
+            if end(r.container) || end(r.host) {
+                return Err(bad(format!("{entry:?} runs past the largest id")));
+            }
+            Ok(r)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn containerd_labels_become_colon_separated_fuse_options() {
+        let m = IdMapping::from_labels(&labels(&[
+            (UID_LABEL, "0:100000:65536"),
+            (GID_LABEL, "0:1000:1,1:110000:65535"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            m.fuse_options(),
+            [
+                "uidmapping=0:100000:65536",
+                "gidmapping=0:1000:1:1:110000:65535"
+            ]
+        );
+        let only_gid = IdMapping::from_labels(&labels(&[(GID_LABEL, "0:5:1")])).unwrap();
+        assert_eq!(only_gid.fuse_options(), ["gidmapping=0:5:1"]);
+        assert!(IdMapping::from_labels(&Labels::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn malformed_mappings_are_invalid_arguments_that_say_why() {
+        for (value, why) in [
+            ("", "not three numbers"),
+            ("0:1", "not three numbers"),
+            ("0:1:2:3", "not three numbers"),
+            ("0:1:2,", "not three numbers"),
+            ("a:1:2", "not an id"),
+            ("-1:1:2", "not an id"),
+            ("0:1:4294967296", "not an id"),
+            ("0:1:0", "maps no ids"),
+            ("0:4294967295:2", "past the largest id"),
+        ] {
+            let err = IdMapping::from_labels(&labels(&[(UID_LABEL, value)])).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{value}: {err}");
+            assert!(err.to_string().contains(why), "{value}: {err}");
+        }
+        assert!(IdMapping::from_labels(&labels(&[(UID_LABEL, "0:4294967295:1")])).is_ok());
+    }
+}
