@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod base;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod grpc;
 pub mod idmap;
 pub mod labels;
 pub mod layout;
+pub mod mounter;
 pub mod mounts;
 pub mod server;
 pub mod snapshot;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ontop::admin::v1::{admin_client::AdminClient, InfoRequest, ListRequest, SnapshotSummary};
 use ontop::config::{Config, LogFormat, Overrides};
 
@@ -34,6 +34,81 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Benchmark snapshotters side by side through the Snapshots API.
+    Bench(BenchArgs),
+}
+
+/// Targets are compared in the order given; the first is the baseline.
+#[derive(Args)]
+struct BenchArgs {
+    /// A proxy snapshotter's socket, as [NAME=]SOCKET. Repeatable.
+    #[arg(long = "address", value_name = "[NAME=]SOCKET")]
+    addresses: Vec<String>,
+    /// A daemon the bench starts on a fresh root, as NAME=COMMAND with
+    /// {root} and {address} in COMMAND; adds start-up and memory.
+    /// Repeatable.
+    #[arg(long = "serve", value_name = "NAME=COMMAND")]
+    serves: Vec<String>,
+    /// containerd's socket, for --snapshotter targets.
+    #[arg(long, value_name = "SOCKET")]
+    containerd: Option<PathBuf>,
+    /// A snapshotter behind --containerd, reached through containerd's own
+    /// Snapshots service. Repeatable.
+    #[arg(long = "snapshotter", value_name = "NAME")]
+    snapshotters: Vec<String>,
+    /// The containerd namespace for --snapshotter targets.
+    #[arg(long, default_value = "ontop-bench")]
+    namespace: String,
+    /// Every workload on small numbers, in seconds: for CI.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results here as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Where mountpoints and served roots go [default: the temp dir].
+    #[arg(long, value_name = "DIR")]
+    scratch: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The plan, with targets in command-line order.
+    fn plan(self, matches: &ArgMatches) -> anyhow::Result<ontop::bench::Plan> {
+        use ontop::bench::Spec;
+        let indices = |id: &str| -> Vec<usize> {
+            matches
+                .indices_of(id)
+                .map(|i| i.collect())
+                .unwrap_or_default()
+        };
+        let mut targets: Vec<(usize, Spec)> = Vec::new();
+        for (i, a) in indices("addresses").into_iter().zip(&self.addresses) {
+            targets.push((i, Spec::address(a)));
+        }
+        for (i, s) in indices("serves").into_iter().zip(&self.serves) {
+            targets.push((i, Spec::serve(s)?));
+        }
+        for (i, s) in indices("snapshotters").into_iter().zip(&self.snapshotters) {
+            targets.push((
+                i,
+                Spec::Containerd {
+                    snapshotter: s.clone(),
+                },
+            ));
+        }
+        targets.sort_by_key(|(i, _)| *i);
+        Ok(ontop::bench::Plan {
+            targets: targets.into_iter().map(|(_, s)| s).collect(),
+            containerd: self.containerd,
+            namespace: self.namespace,
+            sizes: if self.quick {
+                ontop::bench::Sizes::quick()
+            } else {
+                ontop::bench::Sizes::full()
+            },
+            json: self.json,
+            scratch: self.scratch,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -79,7 +154,11 @@ impl ClientArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -87,7 +166,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, &matches)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ontop: {e:#}");
@@ -96,8 +175,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     match cli.command {
+        Command::Bench(args) => {
+            let sub = matches
+                .subcommand_matches("bench")
+                .expect("bench arguments");
+            ontop::bench::run(args.plan(sub)?).await.map(|_| ())
+        }
         Command::Serve(args) => {
             let flags = Overrides {
                 backend: args.backend,

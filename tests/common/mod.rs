@@ -623,107 +623,12 @@ pub fn code<T: std::fmt::Debug>(r: Rpc<T>) -> tonic::Code {
     }
 }
 
-/// Performs mounts as containerd's mount package does, including its
-/// compaction of long lowerdir lists: it runs the mount from the lower
-/// dirs' longest common parent with relative paths, so the option string
-/// stays under a page.
+/// Performs mounts as containerd's mount package does (see
+/// `ontop::mounter`), failing the test with the reason.
 pub fn mount_all(mounts: &[Mount], target: &Path) {
-    for m in mounts {
-        mount_one(m, target);
-    }
-}
-
-fn mount_one(m: &Mount, target: &Path) {
-    match m.r#type.as_str() {
-        "bind" => {
-            use nix::mount::MsFlags;
-            let ro = m.options.iter().any(|o| o == "ro");
-            let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
-            nix::mount::mount(
-                Some(m.source.as_str()),
-                target,
-                None::<&str>,
-                flags,
-                None::<&str>,
-            )
-            .unwrap_or_else(|e| panic!("bind mount {m:?}: {e}"));
-            if ro {
-                nix::mount::mount(
-                    None::<&str>,
-                    target,
-                    None::<&str>,
-                    flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                    None::<&str>,
-                )
-                .unwrap_or_else(|e| panic!("read-only remount {m:?}: {e}"));
-            }
-        }
-        "overlay" => {
-            let (cwd, options) = compact_lowerdir(&m.options);
-            let out = Command::new("mount")
-                .current_dir(&cwd)
-                .args(["-t", "overlay", &m.source, "-o", &options.join(",")])
-                .arg(target)
-                .output()
-                .expect("running mount");
-            assert!(
-                out.status.success(),
-                "mount {m:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        fuse if fuse.starts_with("fuse3.") => {
-            // containerd's mountWithHelper: no lowerdir compaction, each
-            // option its own -o, the subtype as -t.
-            let mut cmd = Command::new("mount.fuse3");
-            cmd.arg(&m.source).arg(target);
-            for o in &m.options {
-                cmd.args(["-o", o]);
-            }
-            let out = cmd
-                .args(["-t", &fuse["fuse3.".len()..]])
-                .output()
-                .expect("running mount.fuse3");
-            assert!(
-                out.status.success(),
-                "mount {m:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        other => panic!("unexpected mount type {other}"),
-    }
-}
-
-/// containerd's `compactLowerdirOption`: the longest common parent of the
-/// lower dirs and the options rewritten relative to it.
-fn compact_lowerdir(options: &[String]) -> (PathBuf, Vec<String>) {
-    let Some(i) = options.iter().position(|o| o.starts_with("lowerdir=")) else {
-        return ("/".into(), options.to_vec());
-    };
-    let lowers: Vec<&str> = options[i]["lowerdir=".len()..].split(':').collect();
-    if lowers.len() < 2 {
-        return ("/".into(), options.to_vec());
-    }
-    let mut common = PathBuf::from(lowers[0]);
-    while !lowers.iter().all(|l| Path::new(l).starts_with(&common)) {
-        common = common.parent().unwrap().to_path_buf();
-    }
-    let rel: Vec<String> = lowers
-        .iter()
-        .map(|l| {
-            Path::new(l)
-                .strip_prefix(&common)
-                .unwrap()
-                .display()
-                .to_string()
-        })
-        .collect();
-    let mut out = options.to_vec();
-    out[i] = format!("lowerdir={}", rel.join(":"));
-    (common, out)
+    ontop::mounter::mount_all(mounts, target).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 pub fn unmount(target: &Path) {
-    nix::mount::umount2(target, nix::mount::MntFlags::empty())
-        .unwrap_or_else(|e| panic!("unmounting {}: {e}", target.display()));
+    ontop::mounter::unmount(target).unwrap_or_else(|e| panic!("{e:#}"));
 }

@@ -1,0 +1,400 @@
+//! What the benchmark drives: a proxy snapshotter's socket, a daemon it
+//! starts itself, or a snapshotter behind containerd's own Snapshots
+//! service. All three speak the same API, so one client serves them all.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::containerd_api::snapshots::v1::{self as api, snapshots_client::SnapshotsClient};
+use crate::containerd_api::types::Mount;
+
+/// How one target was asked for on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// `--address [NAME=]SOCKET`
+    Address { name: String, socket: PathBuf },
+    /// `--serve NAME=COMMAND`, with `{root}` and `{address}` filled in.
+    Serve { name: String, command: String },
+    /// `--snapshotter NAME`, behind `--containerd SOCKET`.
+    Containerd { snapshotter: String },
+}
+
+impl Spec {
+    pub fn address(arg: &str) -> Spec {
+        let (name, socket) = split_name(arg);
+        Spec::Address {
+            name: name.unwrap_or(socket).to_string(),
+            socket: socket.into(),
+        }
+    }
+
+    pub fn serve(arg: &str) -> anyhow::Result<Spec> {
+        let (Some(name), command) = split_name(arg) else {
+            bail!("--serve takes NAME=COMMAND, got {arg:?}");
+        };
+        if !command.contains("{root}") || !command.contains("{address}") {
+            bail!("--serve {name}: the command must contain {{root}} and {{address}}");
+        }
+        Ok(Spec::Serve {
+            name: name.into(),
+            command: command.into(),
+        })
+    }
+}
+
+/// `NAME=VALUE` or a bare value; a `/` before the `=` means no name.
+fn split_name(arg: &str) -> (Option<&str>, &str) {
+    match arg.split_once('=') {
+        Some((name, value)) if !name.is_empty() && !name.contains('/') => (Some(name), value),
+        _ => (None, arg),
+    }
+}
+
+/// Adds containerd's namespace header when going through containerd.
+#[derive(Clone)]
+pub struct Namespace(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Namespace {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(ns) = &self.0 {
+            req.metadata_mut()
+                .insert("containerd-namespace", ns.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Rpc = SnapshotsClient<InterceptedService<Channel, Namespace>>;
+
+/// A daemon the benchmark started, so it can time start-up and read its
+/// peak memory.
+pub struct Served {
+    command: String,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl Served {
+    fn spawn(command: &str, root: &Path, socket: &Path) -> anyhow::Result<Served> {
+        let line = command
+            .replace("{root}", &root.display().to_string())
+            .replace("{address}", &socket.display().to_string());
+        // exec: the child's pid is the daemon's, for /proc/<pid>/status.
+        let child = Command::new("sh")
+            .args(["-c", &format!("exec {line}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {line}"))?;
+        Ok(Served {
+            command: command.into(),
+            root: root.into(),
+            socket: socket.into(),
+            child,
+        })
+    }
+
+    /// Peak resident memory (VmHWM) in bytes.
+    pub fn peak_rss(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .context("no VmHWM in /proc/<pid>/status")?;
+        Ok(kb * 1024)
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("{} ignored SIGTERM for 30s", self.command);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop();
+        }
+    }
+}
+
+pub struct Target {
+    pub name: String,
+    pub rpc: Rpc,
+    /// The `snapshotter` field of requests; containerd routes on it.
+    snapshotter: String,
+    pub served: Option<Served>,
+    /// The socket the client dials.
+    socket: PathBuf,
+    namespace: Namespace,
+    /// Scratch space for mountpoints and a served daemon's root.
+    pub scratch: PathBuf,
+}
+
+impl Target {
+    pub async fn open(
+        spec: &Spec,
+        containerd: Option<&Path>,
+        namespace: &str,
+        scratch: PathBuf,
+    ) -> anyhow::Result<Target> {
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        let (name, socket, snapshotter, ns, served) = match spec {
+            Spec::Address { name, socket } => {
+                (name.clone(), socket.clone(), String::new(), None, None)
+            }
+            Spec::Serve { name, command } => {
+                let root = scratch.join("root");
+                let socket = scratch.join("bench.sock");
+                let served = Served::spawn(command, &root, &socket)?;
+                (name.clone(), socket, String::new(), None, Some(served))
+            }
+            Spec::Containerd { snapshotter } => {
+                let socket = containerd
+                    .context("--snapshotter needs --containerd SOCKET")?
+                    .to_path_buf();
+                let ns = AsciiMetadataValue::try_from(namespace)
+                    .with_context(|| format!("namespace {namespace:?}"))?;
+                (
+                    format!("{snapshotter} via containerd"),
+                    socket,
+                    snapshotter.clone(),
+                    Some(ns),
+                    None,
+                )
+            }
+        };
+        let namespace = Namespace(ns);
+        let rpc = connect(&socket, &namespace, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("target {name}: connecting to {}", socket.display()))?
+            .0;
+        Ok(Target {
+            name,
+            rpc,
+            snapshotter,
+            served,
+            socket,
+            namespace,
+            scratch,
+        })
+    }
+
+    /// Restarts a served daemon on the same root and returns the time from
+    /// process start to its first answered RPC.
+    pub async fn restart(&mut self) -> anyhow::Result<Duration> {
+        let served = self.served.as_mut().context("not started by the bench")?;
+        served.stop()?;
+        let fresh = Served::spawn(&served.command, &served.root, &served.socket)?;
+        let started = Instant::now();
+        *served = fresh;
+        let (rpc, answered) =
+            connect(&self.socket, &self.namespace, Duration::from_secs(120)).await?;
+        self.rpc = rpc;
+        Ok(answered - started)
+    }
+
+    pub fn mountpoint(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let p = self.scratch.join("mnt").join(name);
+        std::fs::create_dir_all(&p)?;
+        Ok(p)
+    }
+
+    pub async fn prepare(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Status> {
+        let r = self
+            .rpc
+            .prepare(api::PrepareSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+                parent: parent.into(),
+                labels,
+            })
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    pub async fn commit(&mut self, name: &str, key: &str) -> Result<(), Status> {
+        self.rpc
+            .commit(api::CommitSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                name: name.into(),
+                key: key.into(),
+                labels: HashMap::new(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mounts(&mut self, key: &str) -> Result<Vec<Mount>, Status> {
+        let r = self
+            .rpc
+            .mounts(api::MountsRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    pub async fn stat(&mut self, key: &str) -> Result<(), Status> {
+        self.rpc
+            .stat(api::StatSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The number of snapshots matching `filters`.
+    pub async fn list(&mut self, filters: &[&str]) -> Result<usize, Status> {
+        let mut stream = self
+            .rpc
+            .list(api::ListSnapshotsRequest {
+                snapshotter: self.snapshotter.clone(),
+                filters: filters.iter().map(|f| f.to_string()).collect(),
+            })
+            .await?
+            .into_inner();
+        let mut n = 0;
+        while let Some(batch) = stream.message().await? {
+            n += batch.info.len();
+        }
+        Ok(n)
+    }
+
+    pub async fn usage(&mut self, key: &str) -> Result<(i64, i64), Status> {
+        let r = self
+            .rpc
+            .usage(api::UsageRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+            })
+            .await?
+            .into_inner();
+        Ok((r.size, r.inodes))
+    }
+
+    pub async fn remove(&mut self, key: &str) -> Result<(), Status> {
+        self.rpc
+            .remove(api::RemoveSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn cleanup(&mut self) -> Result<(), Status> {
+        match self
+            .rpc
+            .cleanup(api::CleanupRequest {
+                snapshotter: self.snapshotter.clone(),
+            })
+            .await
+        {
+            // containerd's own service answers Cleanup only for
+            // snapshotters that implement it.
+            Err(s) if s.code() == Code::Unimplemented => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// A second client on the same connection settings, for concurrency.
+    pub fn clone_for_task(&self) -> Target {
+        Target {
+            name: self.name.clone(),
+            rpc: self.rpc.clone(),
+            snapshotter: self.snapshotter.clone(),
+            served: None,
+            socket: self.socket.clone(),
+            namespace: self.namespace.clone(),
+            scratch: self.scratch.clone(),
+        }
+    }
+}
+
+/// Dials until the server answers an RPC (a Stat of a key that does not
+/// exist: NotFound is an answer), and says when it did.
+async fn connect(
+    socket: &Path,
+    namespace: &Namespace,
+    patience: Duration,
+) -> anyhow::Result<(Rpc, Instant)> {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Ok(channel) = crate::client::connect(socket).await {
+            let mut rpc = SnapshotsClient::with_interceptor(channel, namespace.clone())
+                .max_decoding_message_size(64 << 20);
+            let probe = rpc
+                .stat(api::StatSnapshotRequest {
+                    snapshotter: String::new(),
+                    key: "ontop-bench-probe".into(),
+                })
+                .await;
+            match probe {
+                Ok(_) => return Ok((rpc, Instant::now())),
+                Err(s) if s.code() != Code::Unavailable && s.code() != Code::Unknown => {
+                    return Ok((rpc, Instant::now()))
+                }
+                Err(_) => {}
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no answer within {}s", patience.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_with_and_without_names() {
+        assert_eq!(
+            Spec::address("/run/a.sock"),
+            Spec::Address {
+                name: "/run/a.sock".into(),
+                socket: "/run/a.sock".into()
+            }
+        );
+        assert_eq!(
+            Spec::address("ref=/run/a.sock"),
+            Spec::Address {
+                name: "ref".into(),
+                socket: "/run/a.sock".into()
+            }
+        );
+        assert!(Spec::serve("ontop serve").is_err());
+        assert!(Spec::serve("o=ontop serve --root {root}").is_err());
+        assert!(Spec::serve("o=ontop serve --root {root} --address {address}").is_ok());
+    }
+}

@@ -1,0 +1,455 @@
+//! The workloads, in the order a node meets them: image unpack, lookups as
+//! CRI makes them, create bursts, usage, start-up and memory at scale, and
+//! teardown as containerd's garbage collector does it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context as _};
+
+use super::stats::{self, Row, Series};
+use super::{Sizes, Target};
+use crate::mounter;
+
+/// What each target holds, so that teardown can remove it children-first.
+#[derive(Default)]
+struct Held {
+    /// Chains, each root first.
+    chains: Vec<Vec<String>>,
+    /// Committed snapshots with no children.
+    committed: Vec<String>,
+    /// Active snapshots (the lookup population, the usage snapshot).
+    active: Vec<String>,
+}
+
+/// A label one population snapshot in ten carries, for filtered List.
+const GROUP_LABEL: &str = "bench/group";
+
+pub async fn run_all(targets: &mut [Target], sizes: &Sizes) -> anyhow::Result<Vec<Row>> {
+    let run = format!("r{}", std::process::id());
+    let mut held: Vec<Held> = targets.iter().map(|_| Held::default()).collect();
+    let mut rows = Vec::new();
+    let names = targets_names(targets);
+    let mut report = |workload: &str, unit: &'static str, series: Vec<Series>| {
+        let named: Vec<(String, Series)> = names.iter().cloned().zip(series).collect();
+        for row in stats::rows(workload, unit, &named) {
+            stats::print(&row);
+            rows.push(row);
+        }
+    };
+
+    // 1. Layer chain, like an image unpack.
+    let mut layer = vec![Series::default(); targets.len()];
+    let mut prepare = layer.clone();
+    let mut commit = layer.clone();
+    for rep in 0..sizes.chain_reps {
+        for (i, t) in targets.iter_mut().enumerate() {
+            let chain = chain(
+                t,
+                &format!("{run}-chain{rep}"),
+                sizes,
+                &mut layer[i],
+                &mut prepare[i],
+                &mut commit[i],
+            )
+            .await
+            .with_context(|| format!("{}: layer chain", t.name))?;
+            held[i].chains.push(chain);
+        }
+    }
+    report(
+        &format!("chain: layer of {} files", sizes.chain_files),
+        "ms",
+        layer,
+    );
+    report("chain: prepare", "ms", prepare);
+    report("chain: commit", "ms", commit);
+
+    // 2. Lookups at the first scale.
+    let n = sizes.scales[0];
+    let [stat, mounts, list, filtered] = lookups(targets, &mut held, n, sizes, &run).await?;
+    report(&format!("stat at {}", count(n)), "ms", stat);
+    report(&format!("mounts at {}", count(n)), "ms", mounts);
+    report(&format!("list at {}", count(n)), "ms", list);
+    report(&format!("list filtered at {}", count(n)), "ms", filtered);
+
+    // 3. Create throughput.
+    for concurrency in [1, sizes.concurrency] {
+        let mut pairs = vec![Series::default(); targets.len()];
+        let rounds = 10.min(sizes.creates).max(1);
+        for round in 0..rounds {
+            for (i, t) in targets.iter_mut().enumerate() {
+                let prefix = format!("{run}-create-c{concurrency}-{round}");
+                let names = create_pairs(
+                    t,
+                    &prefix,
+                    sizes.creates / rounds,
+                    concurrency,
+                    &mut pairs[i],
+                )
+                .await
+                .with_context(|| {
+                    format!("{}: Prepare+Commit at concurrency {concurrency}", t.name)
+                })?;
+                held[i].committed.extend(names);
+            }
+        }
+        report(
+            &format!("create c{concurrency}: prepare+commit"),
+            "ms",
+            pairs,
+        );
+    }
+
+    // 4. Lookups at the larger scale, then memory and start-up there.
+    let n = *sizes.scales.last().expect("a scale");
+    let [stat, mounts, list, filtered] = lookups(targets, &mut held, n, sizes, &run).await?;
+    report(&format!("stat at {}", count(n)), "ms", stat);
+    report(&format!("mounts at {}", count(n)), "ms", mounts);
+    report(&format!("list at {}", count(n)), "ms", list);
+    report(&format!("list filtered at {}", count(n)), "ms", filtered);
+
+    let mut rss = vec![Series::default(); targets.len()];
+    for (i, t) in targets.iter().enumerate() {
+        if let Some(s) = &t.served {
+            rss[i].add_value(s.peak_rss()? as f64 / (1 << 20) as f64);
+        }
+    }
+    report(&format!("peak rss at {}", count(n)), "MiB", rss);
+    let mut startup = vec![Series::default(); targets.len()];
+    for _ in 0..sizes.startup_reps {
+        for (i, t) in targets.iter_mut().enumerate() {
+            if t.served.is_some() {
+                let d = t
+                    .restart()
+                    .await
+                    .with_context(|| format!("{}: restart", t.name))?;
+                startup[i].add(d);
+            }
+        }
+    }
+    report(&format!("start-up at {}", count(n)), "ms", startup);
+
+    // 5. Usage of an upper with many small files.
+    let mut usage = vec![Series::default(); targets.len()];
+    for (i, t) in targets.iter_mut().enumerate() {
+        let key = format!("{run}-usage");
+        fill(t, &key, sizes.usage_files)
+            .await
+            .with_context(|| format!("{}: filling the usage snapshot", t.name))?;
+        held[i].active.push(key);
+    }
+    for _ in 0..sizes.usage_reps {
+        for (i, t) in targets.iter_mut().enumerate() {
+            let key = format!("{run}-usage");
+            let (_, inodes) = timed(&mut usage[i], t.usage(&key))
+                .await
+                .map_err(|s| anyhow!("{}: Usage: {s}", t.name))?;
+            if (inodes as usize) < sizes.usage_files {
+                return Err(anyhow!(
+                    "{}: Usage counted {inodes} inodes for {} files",
+                    t.name,
+                    sizes.usage_files
+                ));
+            }
+        }
+    }
+    report(
+        &format!("usage of {} files", count(sizes.usage_files)),
+        "ms",
+        usage,
+    );
+
+    // 6. Teardown, children first, as containerd's GC does it: one at a
+    //    time for a sample and the chains; the bulk, at concurrency, only
+    //    where the daemon outlives the bench.
+    let mut remove = vec![Series::default(); targets.len()];
+    let mut bulk = remove.clone();
+    let mut cleanup = remove.clone();
+    for (i, t) in targets.iter_mut().enumerate() {
+        let h = &mut held[i];
+        let mut flat: Vec<String> = h.committed.drain(..).chain(h.active.drain(..)).collect();
+        fastrand::shuffle(&mut flat);
+        let sample: Vec<String> = flat
+            .drain(..sizes.teardown_sample.min(flat.len()))
+            .collect();
+        for key in sample
+            .iter()
+            .chain(h.chains.iter().flat_map(|c| c.iter().rev()))
+        {
+            timed(&mut remove[i], t.remove(key))
+                .await
+                .map_err(|s| anyhow!("{}: Remove {key}: {s}", t.name))?;
+        }
+        h.chains.clear();
+        // A daemon the bench started goes with its root; anything else
+        // keeps running, so what the bench made there must go.
+        if t.served.is_none() {
+            remove_concurrently(t, flat, sizes.concurrency, &mut bulk[i]).await?;
+        }
+        timed(&mut cleanup[i], t.cleanup())
+            .await
+            .map_err(|s| anyhow!("{}: Cleanup: {s}", t.name))?;
+    }
+    report("teardown: remove", "ms", remove);
+    report(
+        &format!("teardown: remove c{}", sizes.concurrency),
+        "ms",
+        bulk,
+    );
+    report("teardown: cleanup", "ms", cleanup);
+    Ok(rows)
+}
+
+/// "10k" for 10000, "500" for 500.
+fn count(n: usize) -> String {
+    if n >= 1000 && n % 1000 == 0 {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+/// Brings each target to `n` snapshots (not measured), then times Stat and
+/// Mounts on random keys and List with and without a label filter.
+async fn lookups(
+    targets: &mut [Target],
+    held: &mut [Held],
+    n: usize,
+    sizes: &Sizes,
+    run: &str,
+) -> anyhow::Result<[Vec<Series>; 4]> {
+    for (i, t) in targets.iter_mut().enumerate() {
+        let h = &held[i];
+        let have =
+            h.active.len() + h.committed.len() + h.chains.iter().map(Vec::len).sum::<usize>();
+        let more = n.saturating_sub(have);
+        let keys = populate(t, &format!("{run}-pop{n}"), more, sizes.concurrency)
+            .await
+            .with_context(|| format!("{}: adding {more} snapshots", t.name))?;
+        held[i].active.extend(keys);
+    }
+    let mut stat = vec![Series::default(); targets.len()];
+    let mut mounts = stat.clone();
+    let rounds = 10.min(sizes.lookups).max(1);
+    for _ in 0..rounds {
+        for (i, t) in targets.iter_mut().enumerate() {
+            let keys = &held[i].active;
+            for _ in 0..sizes.lookups / rounds {
+                let key = &keys[fastrand::usize(..keys.len())];
+                timed(&mut stat[i], t.stat(key))
+                    .await
+                    .map_err(|s| anyhow!("{}: Stat: {s}", t.name))?;
+                let key = &keys[fastrand::usize(..keys.len())];
+                timed(&mut mounts[i], t.mounts(key))
+                    .await
+                    .map_err(|s| anyhow!("{}: Mounts: {s}", t.name))?;
+            }
+        }
+    }
+    let mut list = vec![Series::default(); targets.len()];
+    let mut filtered = list.clone();
+    let filter = format!("labels.\"{GROUP_LABEL}\"==tagged");
+    for _ in 0..sizes.list_reps {
+        for (i, t) in targets.iter_mut().enumerate() {
+            timed(&mut list[i], t.list(&[]))
+                .await
+                .map_err(|s| anyhow!("{}: List: {s}", t.name))?;
+            timed(&mut filtered[i], t.list(&[&filter]))
+                .await
+                .map_err(|s| anyhow!("{}: List: {s}", t.name))?;
+        }
+    }
+    Ok([stat, mounts, list, filtered])
+}
+
+fn targets_names(targets: &[Target]) -> Vec<String> {
+    targets.iter().map(|t| t.name.clone()).collect()
+}
+
+async fn timed<T, E>(series: &mut Series, f: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    let started = Instant::now();
+    let out = f.await?;
+    series.add(started.elapsed());
+    Ok(out)
+}
+
+/// Builds one chain: Prepare on the previous layer, write files through
+/// the returned mount, Commit.
+async fn chain(
+    t: &mut Target,
+    prefix: &str,
+    sizes: &Sizes,
+    layer: &mut Series,
+    prepare: &mut Series,
+    commit: &mut Series,
+) -> anyhow::Result<Vec<String>> {
+    let target = t.mountpoint(prefix)?;
+    let mut names: Vec<String> = Vec::new();
+    for depth in 0..sizes.chain_depth {
+        let started = Instant::now();
+        let key = format!("{prefix}-{depth}-active");
+        let parent = names.last().cloned().unwrap_or_default();
+        let mounts = timed(prepare, t.prepare(&key, &parent, HashMap::new())).await?;
+        mounter::mount_all(&mounts, &target)?;
+        let written = write_files(&target.join(format!("layer-{depth}")), sizes.chain_files);
+        mounter::unmount(&target)?;
+        written?;
+        let name = format!("{prefix}-{depth}");
+        timed(commit, t.commit(&name, &key)).await?;
+        layer.add(started.elapsed());
+        names.push(name);
+    }
+    Ok(names)
+}
+
+fn write_files(dir: &Path, n: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for j in 0..n {
+        std::fs::write(dir.join(format!("file-{j}")), [b'x'; 100])?;
+    }
+    Ok(())
+}
+
+/// Adds `n` active snapshots with no parent, one in ten labelled, at
+/// `concurrency`; not measured.
+async fn populate(
+    t: &mut Target,
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<String>> {
+    let keys: Vec<String> = (0..n).map(|k| format!("{prefix}-{k}")).collect();
+    let mut tasks = Vec::new();
+    for lane in 0..concurrency {
+        let mut t = t.clone_for_task();
+        let mine: Vec<(usize, String)> = keys
+            .iter()
+            .cloned()
+            .enumerate()
+            .skip(lane)
+            .step_by(concurrency)
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            for (k, key) in mine {
+                let labels = if k % 10 == 0 {
+                    HashMap::from([(GROUP_LABEL.to_string(), "tagged".to_string())])
+                } else {
+                    HashMap::new()
+                };
+                t.prepare(&key, "", labels)
+                    .await
+                    .map_err(|s| anyhow!("Prepare {key}: {s}"))?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(keys)
+}
+
+/// `n` Prepare+Commit pairs with no parent, at `concurrency`; each pair's
+/// latency and the batch's wall time go into `series`.
+async fn create_pairs(
+    t: &mut Target,
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+    series: &mut Series,
+) -> anyhow::Result<Vec<String>> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for lane in 0..concurrency {
+        let mut t = t.clone_for_task();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for k in (lane..n).step_by(concurrency) {
+                let began = Instant::now();
+                let name = format!("{prefix}-{k}");
+                let key = format!("{name}-active");
+                t.prepare(&key, "", HashMap::new())
+                    .await
+                    .map_err(|s| anyhow!("Prepare {key}: {s}"))?;
+                t.commit(&name, &key)
+                    .await
+                    .map_err(|s| anyhow!("Commit {key}: {s}"))?;
+                out.push((name, began.elapsed()));
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut names = Vec::new();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        for (name, d) in task.await?? {
+            names.push(name);
+            latencies.push(d);
+        }
+    }
+    series.add_batch(&latencies, started.elapsed());
+    Ok(names)
+}
+
+/// An active snapshot whose upper holds `files` small files in
+/// directories of a thousand.
+async fn fill(t: &mut Target, key: &str, files: usize) -> anyhow::Result<()> {
+    let mounts = t.prepare(key, "", HashMap::new()).await?;
+    let target = t.mountpoint(key)?;
+    mounter::mount_all(&mounts, &target)?;
+    let written = (|| {
+        for k in 0..files {
+            let dir = target.join(format!("d{}", k / 1000));
+            if k % 1000 == 0 {
+                std::fs::create_dir(&dir)?;
+            }
+            std::fs::write(dir.join(k.to_string()), b"u")?;
+        }
+        anyhow::Ok(())
+    })();
+    mounter::unmount(&target)?;
+    written
+}
+
+async fn remove_concurrently(
+    t: &mut Target,
+    keys: Vec<String>,
+    concurrency: usize,
+    series: &mut Series,
+) -> anyhow::Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for lane in 0..concurrency {
+        let mut t = t.clone_for_task();
+        let mine: Vec<String> = keys
+            .iter()
+            .skip(lane)
+            .step_by(concurrency)
+            .cloned()
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            for key in mine {
+                let began = Instant::now();
+                t.remove(&key)
+                    .await
+                    .map_err(|s| anyhow!("Remove {key}: {s}"))?;
+                latencies.push(began.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    series.add_batch(&latencies, started.elapsed());
+    Ok(())
+}
