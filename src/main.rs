@@ -68,6 +68,10 @@ struct BenchArgs {
     /// Where mountpoints and served roots go [default: the temp dir].
     #[arg(long, value_name = "DIR")]
     scratch: Option<PathBuf>,
+    /// Only these workload groups: chain, lookups, create, usage
+    /// (teardown always runs).
+    #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
+    only: Vec<String>,
 }
 
 impl BenchArgs {
@@ -107,6 +111,7 @@ impl BenchArgs {
             },
             json: self.json,
             scratch: self.scratch,
+            only: self.only,
         })
     }
 }

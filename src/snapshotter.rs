@@ -38,6 +38,24 @@ pub struct Options {
     pub base_roots: Vec<PathBuf>,
 }
 
+/// What Mounts read from the database, before any filesystem work.
+#[derive(Debug, Clone)]
+pub struct MountPlan {
+    rec: Record,
+    ancestors: Vec<Id>,
+    volatile: bool,
+    idmap: IdMapping,
+}
+
+impl MountPlan {
+    /// Whether [`Snapshotter::mounts_for`] touches the filesystem (a host
+    /// base to check and link, a volatile marker to clear), which must not
+    /// run on an async worker. Everything else is pure.
+    pub fn touches_filesystem(&self) -> bool {
+        self.rec.base.is_some() || self.volatile
+    }
+}
+
 /// What `ontop info` shows of one snapshot.
 #[derive(Debug, Clone)]
 pub struct Info {
@@ -206,19 +224,49 @@ impl Snapshotter {
     }
 
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let (rec, ancestors, volatile, idmap) = self.store.read(|tx| {
-            let rec = tx.require(key)?;
-            if rec.kind == Kind::Committed {
-                return Err(Error::failed_precondition(format!(
-                    "snapshot {key:?} is committed; only active snapshots and views have mounts"
-                )));
-            }
-            let labels = tx.labels(rec.id)?;
-            let volatile = base::volatile(&labels)?;
-            let idmap = self.idmap(&labels)?;
-            let ancestors = tx.ancestors(rec.id)?;
-            Ok((rec, ancestors, volatile, idmap))
-        })?;
+        let plan = self.store.read(|tx| self.mount_plan(tx, key))?;
+        self.mounts_for(plan)
+    }
+
+    /// What Mounts needs from the database, if a reader is free right now
+    /// (see [`Store::try_read`]).
+    pub fn try_mount_plan(&self, key: &str) -> Option<Result<MountPlan>> {
+        self.store.try_read(|tx| self.mount_plan(tx, key))
+    }
+
+    /// What Mounts needs from the database, waiting for a reader.
+    pub fn wait_mount_plan(&self, key: &str) -> Result<MountPlan> {
+        self.store.read(|tx| self.mount_plan(tx, key))
+    }
+
+    fn mount_plan(&self, tx: &Tx<'_>, key: &str) -> Result<MountPlan> {
+        let rec = tx.require(key)?;
+        if rec.kind == Kind::Committed {
+            return Err(Error::failed_precondition(format!(
+                "snapshot {key:?} is committed; only active snapshots and views have mounts"
+            )));
+        }
+        let labels = tx.labels(rec.id)?;
+        let volatile = base::volatile(&labels)?;
+        let idmap = self.idmap(&labels)?;
+        let ancestors = tx.ancestors(rec.id)?;
+        Ok(MountPlan {
+            rec,
+            ancestors,
+            volatile,
+            idmap,
+        })
+    }
+
+    /// The mounts of a planned snapshot, after the filesystem work some
+    /// need (see [`MountPlan::touches_filesystem`]).
+    pub fn mounts_for(&self, plan: MountPlan) -> Result<Vec<Mount>> {
+        let MountPlan {
+            rec,
+            ancestors,
+            volatile,
+            idmap,
+        } = plan;
         if let Some(b) = &rec.base {
             base::check_present(b)?;
             // The database is the truth; a crash after an Update may have
@@ -306,6 +354,11 @@ impl Snapshotter {
 
     pub fn stat(&self, key: &str) -> Result<Snapshot> {
         self.store.read(|tx| tx.snapshot(key))
+    }
+
+    /// Stat, if a reader is free right now (see [`Store::try_read`]).
+    pub fn try_stat(&self, key: &str) -> Option<Result<Snapshot>> {
+        self.store.try_read(|tx| tx.snapshot(key))
     }
 
     /// Updates labels, the only mutable field. `fieldpaths` empty or

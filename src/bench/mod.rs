@@ -18,6 +18,7 @@ use anyhow::{bail, Context as _};
 
 pub use stats::{Row, Series};
 pub use target::{Spec, Target};
+pub use workloads::GROUPS;
 
 /// How big each workload is.
 #[derive(Debug, Clone)]
@@ -83,9 +84,17 @@ pub struct Plan {
     pub sizes: Sizes,
     pub json: Option<PathBuf>,
     pub scratch: Option<PathBuf>,
+    /// Workload groups to run (see [`GROUPS`]); empty runs them all.
+    pub only: Vec<String>,
 }
 
 pub async fn run(plan: Plan) -> anyhow::Result<Vec<Row>> {
+    if let Some(bad) = plan.only.iter().find(|o| !GROUPS.contains(&o.as_str())) {
+        bail!(
+            "--only {bad:?}: the workload groups are {}",
+            GROUPS.join(", ")
+        );
+    }
     if plan.targets.is_empty() {
         bail!("no targets: give --address SOCKET, --serve NAME=COMMAND or --containerd SOCKET --snapshotter NAME");
     }
@@ -107,7 +116,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Vec<Row>> {
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     println!("targets (first is the baseline): {}", names.join(", "));
     stats::print_header();
-    let rows = workloads::run_all(&mut targets, &plan.sizes).await;
+    let rows = workloads::run_all(&mut targets, &plan.sizes, &plan.only).await;
     // Stop served daemons before their roots go, whatever happened.
     drop(targets);
     let rows = rows?;

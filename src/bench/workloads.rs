@@ -27,7 +27,15 @@ struct Held {
 /// A label one population snapshot in ten carries, for filtered List.
 const GROUP_LABEL: &str = "bench/group";
 
-pub async fn run_all(targets: &mut [Target], sizes: &Sizes) -> anyhow::Result<Vec<Row>> {
+/// The workload groups `--only` can pick; teardown always runs.
+pub const GROUPS: &[&str] = &["chain", "lookups", "create", "usage"];
+
+pub async fn run_all(
+    targets: &mut [Target],
+    sizes: &Sizes,
+    only: &[String],
+) -> anyhow::Result<Vec<Row>> {
+    let wants = |group: &str| only.is_empty() || only.iter().any(|o| o == group);
     let run = format!("r{}", std::process::id());
     let mut held: Vec<Held> = targets.iter().map(|_| Held::default()).collect();
     let mut rows = Vec::new();
@@ -40,127 +48,137 @@ pub async fn run_all(targets: &mut [Target], sizes: &Sizes) -> anyhow::Result<Ve
         }
     };
 
-    // 1. Layer chain, like an image unpack.
-    let mut layer = vec![Series::default(); targets.len()];
-    let mut prepare = layer.clone();
-    let mut commit = layer.clone();
-    for rep in 0..sizes.chain_reps {
-        for (i, t) in targets.iter_mut().enumerate() {
-            let chain = chain(
-                t,
-                &format!("{run}-chain{rep}"),
-                sizes,
-                &mut layer[i],
-                &mut prepare[i],
-                &mut commit[i],
-            )
-            .await
-            .with_context(|| format!("{}: layer chain", t.name))?;
-            held[i].chains.push(chain);
-        }
-    }
-    report(
-        &format!("chain: layer of {} files", sizes.chain_files),
-        "ms",
-        layer,
-    );
-    report("chain: prepare", "ms", prepare);
-    report("chain: commit", "ms", commit);
-
-    // 2. Lookups at the first scale.
-    let n = sizes.scales[0];
-    let [stat, mounts, list, filtered] = lookups(targets, &mut held, n, sizes, &run).await?;
-    report(&format!("stat at {}", count(n)), "ms", stat);
-    report(&format!("mounts at {}", count(n)), "ms", mounts);
-    report(&format!("list at {}", count(n)), "ms", list);
-    report(&format!("list filtered at {}", count(n)), "ms", filtered);
-
-    // 3. Create throughput.
-    for concurrency in [1, sizes.concurrency] {
-        let mut pairs = vec![Series::default(); targets.len()];
-        let rounds = 10.min(sizes.creates).max(1);
-        for round in 0..rounds {
+    if wants("chain") {
+        // 1. Layer chain, like an image unpack.
+        let mut layer = vec![Series::default(); targets.len()];
+        let mut prepare = layer.clone();
+        let mut commit = layer.clone();
+        for rep in 0..sizes.chain_reps {
             for (i, t) in targets.iter_mut().enumerate() {
-                let prefix = format!("{run}-create-c{concurrency}-{round}");
-                let names = create_pairs(
+                let chain = chain(
                     t,
-                    &prefix,
-                    sizes.creates / rounds,
-                    concurrency,
-                    &mut pairs[i],
+                    &format!("{run}-chain{rep}"),
+                    sizes,
+                    &mut layer[i],
+                    &mut prepare[i],
+                    &mut commit[i],
                 )
                 .await
-                .with_context(|| {
-                    format!("{}: Prepare+Commit at concurrency {concurrency}", t.name)
-                })?;
-                held[i].committed.extend(names);
+                .with_context(|| format!("{}: layer chain", t.name))?;
+                held[i].chains.push(chain);
             }
         }
         report(
-            &format!("create c{concurrency}: prepare+commit"),
+            &format!("chain: layer of {} files", sizes.chain_files),
             "ms",
-            pairs,
+            layer,
         );
+        report("chain: prepare", "ms", prepare);
+        report("chain: commit", "ms", commit);
     }
 
-    // 4. Lookups at the larger scale, then memory and start-up there.
-    let n = *sizes.scales.last().expect("a scale");
-    let [stat, mounts, list, filtered] = lookups(targets, &mut held, n, sizes, &run).await?;
-    report(&format!("stat at {}", count(n)), "ms", stat);
-    report(&format!("mounts at {}", count(n)), "ms", mounts);
-    report(&format!("list at {}", count(n)), "ms", list);
-    report(&format!("list filtered at {}", count(n)), "ms", filtered);
+    if wants("lookups") {
+        // 2. Lookups at the first scale.
+        let n = sizes.scales[0];
+        let [stat, mounts, list, filtered] = lookups(targets, &mut held, n, sizes, &run).await?;
+        report(&format!("stat at {}", count(n)), "ms", stat);
+        report(&format!("mounts at {}", count(n)), "ms", mounts);
+        report(&format!("list at {}", count(n)), "ms", list);
+        report(&format!("list filtered at {}", count(n)), "ms", filtered);
+    }
 
-    let mut rss = vec![Series::default(); targets.len()];
-    for (i, t) in targets.iter().enumerate() {
-        if let Some(s) = &t.served {
-            rss[i].add_value(s.peak_rss()? as f64 / (1 << 20) as f64);
+    if wants("create") {
+        // 3. Create throughput.
+        for concurrency in [1, sizes.concurrency] {
+            let mut pairs = vec![Series::default(); targets.len()];
+            let rounds = 10.min(sizes.creates).max(1);
+            for round in 0..rounds {
+                for (i, t) in targets.iter_mut().enumerate() {
+                    let prefix = format!("{run}-create-c{concurrency}-{round}");
+                    let names = create_pairs(
+                        t,
+                        &prefix,
+                        sizes.creates / rounds,
+                        concurrency,
+                        &mut pairs[i],
+                    )
+                    .await
+                    .with_context(|| {
+                        format!("{}: Prepare+Commit at concurrency {concurrency}", t.name)
+                    })?;
+                    held[i].committed.extend(names);
+                }
+            }
+            report(
+                &format!("create c{concurrency}: prepare+commit"),
+                "ms",
+                pairs,
+            );
         }
     }
-    report(&format!("peak rss at {}", count(n)), "MiB", rss);
-    let mut startup = vec![Series::default(); targets.len()];
-    for _ in 0..sizes.startup_reps {
-        for (i, t) in targets.iter_mut().enumerate() {
-            if t.served.is_some() {
-                let d = t
-                    .restart()
-                    .await
-                    .with_context(|| format!("{}: restart", t.name))?;
-                startup[i].add(d);
+
+    if wants("lookups") {
+        // 4. Lookups at the larger scale, then memory and start-up there.
+        let n = *sizes.scales.last().expect("a scale");
+        let [stat, mounts, list, filtered] = lookups(targets, &mut held, n, sizes, &run).await?;
+        report(&format!("stat at {}", count(n)), "ms", stat);
+        report(&format!("mounts at {}", count(n)), "ms", mounts);
+        report(&format!("list at {}", count(n)), "ms", list);
+        report(&format!("list filtered at {}", count(n)), "ms", filtered);
+
+        let mut rss = vec![Series::default(); targets.len()];
+        for (i, t) in targets.iter().enumerate() {
+            if let Some(s) = &t.served {
+                rss[i].add_value(s.peak_rss()? as f64 / (1 << 20) as f64);
             }
         }
+        report(&format!("peak rss at {}", count(n)), "MiB", rss);
+        let mut startup = vec![Series::default(); targets.len()];
+        for _ in 0..sizes.startup_reps {
+            for (i, t) in targets.iter_mut().enumerate() {
+                if t.served.is_some() {
+                    let d = t
+                        .restart()
+                        .await
+                        .with_context(|| format!("{}: restart", t.name))?;
+                    startup[i].add(d);
+                }
+            }
+        }
+        report(&format!("start-up at {}", count(n)), "ms", startup);
     }
-    report(&format!("start-up at {}", count(n)), "ms", startup);
 
-    // 5. Usage of an upper with many small files.
-    let mut usage = vec![Series::default(); targets.len()];
-    for (i, t) in targets.iter_mut().enumerate() {
-        let key = format!("{run}-usage");
-        fill(t, &key, sizes.usage_files)
-            .await
-            .with_context(|| format!("{}: filling the usage snapshot", t.name))?;
-        held[i].active.push(key);
-    }
-    for _ in 0..sizes.usage_reps {
+    if wants("usage") {
+        // 5. Usage of an upper with many small files.
+        let mut usage = vec![Series::default(); targets.len()];
         for (i, t) in targets.iter_mut().enumerate() {
             let key = format!("{run}-usage");
-            let (_, inodes) = timed(&mut usage[i], t.usage(&key))
+            fill(t, &key, sizes.usage_files)
                 .await
-                .map_err(|s| anyhow!("{}: Usage: {s}", t.name))?;
-            if (inodes as usize) < sizes.usage_files {
-                return Err(anyhow!(
-                    "{}: Usage counted {inodes} inodes for {} files",
-                    t.name,
-                    sizes.usage_files
-                ));
+                .with_context(|| format!("{}: filling the usage snapshot", t.name))?;
+            held[i].active.push(key);
+        }
+        for _ in 0..sizes.usage_reps {
+            for (i, t) in targets.iter_mut().enumerate() {
+                let key = format!("{run}-usage");
+                let (_, inodes) = timed(&mut usage[i], t.usage(&key))
+                    .await
+                    .map_err(|s| anyhow!("{}: Usage: {s}", t.name))?;
+                if (inodes as usize) < sizes.usage_files {
+                    return Err(anyhow!(
+                        "{}: Usage counted {inodes} inodes for {} files",
+                        t.name,
+                        sizes.usage_files
+                    ));
+                }
             }
         }
+        report(
+            &format!("usage of {} files", count(sizes.usage_files)),
+            "ms",
+            usage,
+        );
     }
-    report(
-        &format!("usage of {} files", count(sizes.usage_files)),
-        "ms",
-        usage,
-    );
 
     // 6. Teardown, children first, as containerd's GC does it: one at a
     //    time for a sample and the chains; the bulk, at concurrency, only
