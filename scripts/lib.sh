@@ -40,4 +40,37 @@ require_fuse() {
   [ -c /dev/fuse ] || die "/dev/fuse is missing (modprobe fuse failed): the fuse-overlayfs backend cannot be tested"
 }
 
+# Writes the config of a containerd isolated from the system one, with
+# ontop as a proxy snapshotter, and starts it in the background.
+#   start_isolated_containerd DIR ROOT ONTOP_SOCKET LOG
+# DIR holds its sockets, state, config and pid file; ROOT is its root.
+start_isolated_containerd() {
+  local dir=$1 root=$2 ontop_socket=$3 log=$4
+  mkdir -p "$dir"
+  cat > "$dir/containerd.toml" <<TOML
+version = 2
+root = "$root"
+state = "$dir/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$dir/containerd.sock"
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+[debug]
+  address = "$dir/debug.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$root/opt"
+[proxy_plugins.ontop]
+  type = "snapshot"
+  address = "$ontop_socket"
+TOML
+  setsid containerd --config "$dir/containerd.toml" >>"$log" 2>&1 < /dev/null &
+  echo $! > "$dir/containerd.pid"
+  for _ in $(seq 200); do
+    ctr --address "$dir/containerd.sock" version >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  die "the isolated containerd did not start; see $log"
+}
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

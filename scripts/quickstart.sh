@@ -48,28 +48,7 @@ else
   fi
   ctd_socket=$demo/containerd.sock
   if ! ctr --address "$ctd_socket" version >/dev/null 2>&1; then
-    cat > "$demo/containerd.toml" <<EOF
-version = 2
-root = "/var/lib/ontop-demo/containerd"
-state = "$demo/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$ctd_socket"
-[ttrpc]
-  address = "$demo/containerd.sock.ttrpc"
-[debug]
-  address = "$demo/debug.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "/var/lib/ontop-demo/opt"
-[proxy_plugins.ontop]
-  type = "snapshot"
-  address = "$socket"
-EOF
-    setsid containerd --config "$demo/containerd.toml" >>/var/log/ontop-demo-containerd.log 2>&1 < /dev/null &
-    echo $! > "$demo/containerd.pid"
-    for _ in $(seq 200); do ctr --address "$ctd_socket" version >/dev/null 2>&1 && break; sleep 0.1; done
-    ctr --address "$ctd_socket" version >/dev/null 2>&1 \
-      || die "the isolated containerd did not start; see /var/log/ontop-demo-containerd.log"
+    start_isolated_containerd "$demo" /var/lib/ontop-demo/containerd "$socket" /var/log/ontop-demo-containerd.log
   fi
   echo "using an isolated containerd on $ctd_socket (config $demo/containerd.toml)"
 fi

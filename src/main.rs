@@ -68,10 +68,22 @@ struct BenchArgs {
     /// Where mountpoints and served roots go [default: the temp dir].
     #[arg(long, value_name = "DIR")]
     scratch: Option<PathBuf>,
-    /// Only these workload groups: chain, lookups, create, usage
+    /// Only these workload groups: chain, lookups, create, usage, image
     /// (teardown always runs).
     #[arg(long, value_delimiter = ',', value_name = "GROUP,...")]
     only: Vec<String>,
+    /// Snapshot counts for the lookup workloads, instead of the default
+    /// 10000,100000 (quick: 200,500); memory and start-up use the last.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    scales: Vec<usize>,
+    /// Prepare+Commit pairs per concurrency level, instead of 10000
+    /// (quick: 100).
+    #[arg(long, value_name = "N")]
+    creates: Option<usize>,
+    /// An image archive to import and run with ctr through each
+    /// --snapshotter target, as REF=TAR (REF is the name in the archive).
+    #[arg(long, value_name = "REF=TAR")]
+    image: Option<String>,
 }
 
 impl BenchArgs {
@@ -104,14 +116,32 @@ impl BenchArgs {
             targets: targets.into_iter().map(|(_, s)| s).collect(),
             containerd: self.containerd,
             namespace: self.namespace,
-            sizes: if self.quick {
-                ontop::bench::Sizes::quick()
-            } else {
-                ontop::bench::Sizes::full()
+            sizes: {
+                let mut sizes = if self.quick {
+                    ontop::bench::Sizes::quick()
+                } else {
+                    ontop::bench::Sizes::full()
+                };
+                if !self.scales.is_empty() {
+                    sizes.scales = self.scales;
+                }
+                if let Some(n) = self.creates {
+                    sizes.creates = n;
+                }
+                sizes
             },
             json: self.json,
             scratch: self.scratch,
             only: self.only,
+            image: match self.image {
+                None => None,
+                Some(arg) => {
+                    let (reference, tar) = arg
+                        .split_once('=')
+                        .with_context(|| format!("--image takes REF=TAR, got {arg:?}"))?;
+                    Some((reference.to_string(), PathBuf::from(tar)))
+                }
+            },
         })
     }
 }

@@ -32,6 +32,7 @@ pub struct Sizes {
     pub lookups: usize,
     pub list_reps: usize,
     pub startup_reps: usize,
+    pub image_reps: usize,
     pub usage_files: usize,
     pub usage_reps: usize,
     pub teardown_sample: usize,
@@ -49,6 +50,7 @@ impl Sizes {
             lookups: 2_000,
             list_reps: 3,
             startup_reps: 3,
+            image_reps: 5,
             usage_files: 100_000,
             usage_reps: 5,
             teardown_sample: 2_000,
@@ -67,6 +69,7 @@ impl Sizes {
             lookups: 50,
             list_reps: 1,
             startup_reps: 1,
+            image_reps: 1,
             usage_files: 500,
             usage_reps: 2,
             teardown_sample: 50,
@@ -86,6 +89,9 @@ pub struct Plan {
     pub scratch: Option<PathBuf>,
     /// Workload groups to run (see [`GROUPS`]); empty runs them all.
     pub only: Vec<String>,
+    /// An image archive, as `REF=TAR`, to import and run through each
+    /// containerd target with `ctr`.
+    pub image: Option<(String, PathBuf)>,
 }
 
 pub async fn run(plan: Plan) -> anyhow::Result<Vec<Row>> {
@@ -116,7 +122,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Vec<Row>> {
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     println!("targets (first is the baseline): {}", names.join(", "));
     stats::print_header();
-    let rows = workloads::run_all(&mut targets, &plan.sizes, &plan.only).await;
+    let rows = workloads::run_all(&mut targets, &plan).await;
     // Stop served daemons before their roots go, whatever happened.
     drop(targets);
     let rows = rows?;

@@ -221,12 +221,22 @@ impl Target {
         Ok(p)
     }
 
+    /// containerd garbage-collects snapshots nothing refers to; through
+    /// containerd, the bench's own are GC roots until it removes them.
+    fn keep(&self, mut labels: HashMap<String, String>) -> HashMap<String, String> {
+        if !self.snapshotter.is_empty() {
+            labels.insert("containerd.io/gc.root".into(), "ontop-bench".into());
+        }
+        labels
+    }
+
     pub async fn prepare(
         &mut self,
         key: &str,
         parent: &str,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Status> {
+        let labels = self.keep(labels);
         let r = self
             .rpc
             .prepare(api::PrepareSnapshotRequest {
@@ -245,7 +255,7 @@ impl Target {
                 snapshotter: self.snapshotter.clone(),
                 name: name.into(),
                 key: key.into(),
-                labels: HashMap::new(),
+                labels: self.keep(HashMap::new()),
             })
             .await?;
         Ok(())
@@ -324,6 +334,12 @@ impl Target {
             Err(s) if s.code() == Code::Unimplemented => Ok(()),
             other => other.map(|_| ()),
         }
+    }
+
+    /// containerd's socket and this target's snapshotter name, when the
+    /// target is reached through containerd.
+    pub fn via_containerd(&self) -> Option<(&Path, &str)> {
+        (!self.snapshotter.is_empty()).then(|| (self.socket.as_path(), self.snapshotter.as_str()))
     }
 
     /// A second client on the same connection settings, for concurrency.

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context as _};
 
 use super::stats::{self, Row, Series};
-use super::{Sizes, Target};
+use super::{Plan, Sizes, Target};
 use crate::mounter;
 
 /// What each target holds, so that teardown can remove it children-first.
@@ -28,13 +28,11 @@ struct Held {
 const GROUP_LABEL: &str = "bench/group";
 
 /// The workload groups `--only` can pick; teardown always runs.
-pub const GROUPS: &[&str] = &["chain", "lookups", "create", "usage"];
+pub const GROUPS: &[&str] = &["chain", "lookups", "create", "usage", "image"];
 
-pub async fn run_all(
-    targets: &mut [Target],
-    sizes: &Sizes,
-    only: &[String],
-) -> anyhow::Result<Vec<Row>> {
+pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    let sizes = &plan.sizes;
+    let only = &plan.only;
     let wants = |group: &str| only.is_empty() || only.iter().any(|o| o == group);
     let run = format!("r{}", std::process::id());
     let mut held: Vec<Held> = targets.iter().map(|_| Held::default()).collect();
@@ -120,11 +118,14 @@ pub async fn run_all(
     if wants("lookups") {
         // 4. Lookups at the larger scale, then memory and start-up there.
         let n = *sizes.scales.last().expect("a scale");
-        let [stat, mounts, list, filtered] = lookups(targets, &mut held, n, sizes, &run).await?;
-        report(&format!("stat at {}", count(n)), "ms", stat);
-        report(&format!("mounts at {}", count(n)), "ms", mounts);
-        report(&format!("list at {}", count(n)), "ms", list);
-        report(&format!("list filtered at {}", count(n)), "ms", filtered);
+        if sizes.scales.len() > 1 {
+            let [stat, mounts, list, filtered] =
+                lookups(targets, &mut held, n, sizes, &run).await?;
+            report(&format!("stat at {}", count(n)), "ms", stat);
+            report(&format!("mounts at {}", count(n)), "ms", mounts);
+            report(&format!("list at {}", count(n)), "ms", list);
+            report(&format!("list filtered at {}", count(n)), "ms", filtered);
+        }
 
         let mut rss = vec![Series::default(); targets.len()];
         for (i, t) in targets.iter().enumerate() {
@@ -180,7 +181,49 @@ pub async fn run_all(
         );
     }
 
-    // 6. Teardown, children first, as containerd's GC does it: one at a
+    // 6. Image import (unpack) and `ctr run`, through containerd only.
+    if let (Some((reference, tar)), true) = (&plan.image, wants("image")) {
+        let mut unpack = vec![Series::default(); targets.len()];
+        let mut start = unpack.clone();
+        for rep in 0..sizes.image_reps {
+            for (i, t) in targets.iter().enumerate() {
+                let Some((socket, snapshotter)) = t.via_containerd() else {
+                    continue;
+                };
+                let ctr = Ctr {
+                    socket,
+                    namespace: format!("{}-{snapshotter}", plan.namespace),
+                    snapshotter,
+                };
+                let d = ctr.time(&[
+                    "images",
+                    "import",
+                    "--snapshotter",
+                    snapshotter,
+                    &tar.display().to_string(),
+                ])?;
+                unpack[i].add(d);
+                let id = format!("{run}-{rep}");
+                let d = ctr.time(&[
+                    "run",
+                    "--rm",
+                    "--snapshotter",
+                    snapshotter,
+                    reference,
+                    &id,
+                    "true",
+                ])?;
+                start[i].add(d);
+                // Synchronous: the garbage collector removes the snapshots
+                // before the next repetition unpacks again.
+                ctr.time(&["images", "rm", "--sync", reference])?;
+            }
+        }
+        report("image: import (unpack)", "ms", unpack);
+        report("image: ctr run --rm", "ms", start);
+    }
+
+    // 7. Teardown, children first, as containerd's GC does it: one at a
     //    time for a sample and the chains; the bulk, at concurrency, only
     //    where the daemon outlives the bench.
     let mut remove = vec![Series::default(); targets.len()];
@@ -219,6 +262,37 @@ pub async fn run_all(
     );
     report("teardown: cleanup", "ms", cleanup);
     Ok(rows)
+}
+
+/// `ctr` against one containerd namespace.
+struct Ctr<'a> {
+    socket: &'a Path,
+    namespace: String,
+    snapshotter: &'a str,
+}
+
+impl Ctr<'_> {
+    /// Runs `ctr ARGS` and returns how long it took.
+    fn time(&self, args: &[&str]) -> anyhow::Result<std::time::Duration> {
+        let started = Instant::now();
+        let out = std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket)
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .output()
+            .context("running ctr (Debian package containerd)")?;
+        let took = started.elapsed();
+        if !out.status.success() {
+            return Err(anyhow!(
+                "ctr {} ({}): {}",
+                args.join(" "),
+                self.snapshotter,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(took)
+    }
 }
 
 /// "10k" for 10000, "500" for 500.
