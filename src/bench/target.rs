@@ -339,7 +339,7 @@ impl Target {
     /// containerd's socket and this target's snapshotter name, when the
     /// target is reached through containerd.
     pub fn via_containerd(&self) -> Option<(&Path, &str)> {
-        (!self.snapshotter.is_empty()).then(|| (self.socket.as_path(), self.snapshotter.as_str()))
+        (!self.snapshotter.is_empty()).then_some((self.socket.as_path(), self.snapshotter.as_str()))
     }
 
     /// A second client on the same connection settings, for concurrency.
