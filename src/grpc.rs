@@ -13,7 +13,7 @@ use std::sync::Arc;
 use containerd_snapshots::api::snapshots::v1 as api;
 use containerd_snapshots::api::snapshots::v1::snapshots_server::Snapshots;
 use containerd_snapshots::api::types::Mount as ApiMount;
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::stream::{BoxStream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::admin::v1 as admin;
@@ -193,20 +193,39 @@ impl Snapshots for SnapshotsService {
         req: Request<api::ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
         let r = req.into_inner();
-        // The wire conversion of a large List is real work too: it stays
-        // off the async workers with the query.
-        let batches = blocking(&self.core, move |c| {
-            let snaps = c.list(&r.filters)?;
-            let mut batches = Vec::with_capacity(snaps.len().div_ceil(LIST_BATCH));
-            let mut iter = snaps.into_iter().map(to_api_info).peekable();
-            while iter.peek().is_some() {
-                let info: Vec<api::Info> = iter.by_ref().take(LIST_BATCH).collect();
-                batches.push(Ok(api::ListSnapshotsResponse { info }));
+        // A bad filter fails the call itself, before any streaming.
+        let filter = crate::snapshotter::parse_filters(&r.filters)?;
+        // Batches stream as the query produces them, from the blocking
+        // pool, so a List of 100k snapshots never sits in memory whole.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let core = Arc::clone(&self.core);
+        tokio::task::spawn_blocking(move || {
+            let mut batch = Vec::with_capacity(LIST_BATCH);
+            let send = |info: Vec<api::Info>| {
+                tx.blocking_send(Ok(api::ListSnapshotsResponse { info }))
+                    .map_err(|_| Error::Internal(anyhow::anyhow!("the client went away")))
+            };
+            let result = core.list_each(&filter, |s| {
+                batch.push(to_api_info(s));
+                if batch.len() == LIST_BATCH {
+                    send(std::mem::replace(
+                        &mut batch,
+                        Vec::with_capacity(LIST_BATCH),
+                    ))?;
+                }
+                Ok(())
+            });
+            let result = result.and_then(|()| match batch.is_empty() {
+                true => Ok(()),
+                false => send(batch),
+            });
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(Status::from(e)));
             }
-            Ok(batches)
-        })
-        .await?;
-        Ok(Response::new(stream::iter(batches).boxed()))
+        });
+        Ok(Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        ))
     }
 
     async fn usage(

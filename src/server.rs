@@ -43,6 +43,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("opening the snapshotter")??;
     let core = Arc::new(core);
+    // Off the start-up path: containerd can dial at once. SQLite reports
+    // damage on any read of it anyway; this finds it before a read does.
+    let checked = Arc::clone(&core);
+    tokio::task::spawn_blocking(move || match checked.check_database() {
+        Ok(()) => tracing::debug!("database integrity check passed"),
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "database integrity check failed"),
+    });
 
     let (listener, socket_ino) = bind_socket(&config.address)?;
     tracing::info!(

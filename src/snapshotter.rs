@@ -76,7 +76,9 @@ pub struct Snapshotter {
 
 impl Snapshotter {
     /// Opens the root: locks it, repairs what a crash left, and checks that
-    /// the filesystem and database are fit to serve.
+    /// the filesystem is fit to serve. The database's full integrity check
+    /// is [`Snapshotter::check_database`], which the server runs once it
+    /// serves: at 100k snapshots it takes longer than everything else here.
     pub fn open(opts: Options) -> anyhow::Result<Snapshotter> {
         let layout = Layout::new(&opts.root);
         layout.create()?;
@@ -90,7 +92,6 @@ impl Snapshotter {
             backends::check_fuse(&layout.tmp_dir())?;
         }
         let store = Store::open(&layout.db_path())?;
-        store.quick_check()?;
         Ok(Snapshotter {
             bases: BasePolicy {
                 allowed_roots: opts.base_roots,
@@ -102,6 +103,11 @@ impl Snapshotter {
             async_remove: opts.async_remove,
             _lock: lock,
         })
+    }
+
+    /// SQLite's `quick_check` of the whole database.
+    pub fn check_database(&self) -> anyhow::Result<()> {
+        self.store.quick_check()
     }
 
     pub fn layout(&self) -> &Layout {
@@ -481,13 +487,31 @@ impl Snapshotter {
     /// Every snapshot matching containerd `filters` (ORed strings of ANDed
     /// selectors).
     pub fn list(&self, filters: &[String]) -> Result<Vec<Snapshot>> {
-        let filter = Filter::parse_all(filters).map_err(Error::InvalidArgument)?;
-        let all = self.store.read(|tx| tx.all())?;
-        Ok(all
-            .into_iter()
-            .map(|(rec, labels)| rec.into_snapshot(labels))
-            .filter(|s| filter.matches(s))
-            .collect())
+        let filter = parse_filters(filters)?;
+        let mut out = Vec::new();
+        self.list_each(&filter, |s| {
+            out.push(s);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every snapshot matching `filter`, one at a time from
+    /// one consistent read, so a List of any size holds little memory.
+    pub fn list_each(
+        &self,
+        filter: &Filter,
+        mut f: impl FnMut(Snapshot) -> Result<()>,
+    ) -> Result<()> {
+        self.store.read(|tx| {
+            tx.each(|rec, labels| {
+                let s = rec.into_snapshot(labels);
+                if filter.matches(&s) {
+                    f(s)?;
+                }
+                Ok(())
+            })
+        })
     }
 
     /// An active snapshot's upper as it is now; a committed one's frozen at
@@ -611,6 +635,12 @@ impl Snapshotter {
             tracing::warn!(id, error = %e, "could not remove snapshot directory; Cleanup will retry");
         }
     }
+}
+
+/// containerd's filter strings (ORed), or InvalidArgument saying where one
+/// is malformed.
+pub fn parse_filters(filters: &[String]) -> Result<Filter> {
+    Filter::parse_all(filters).map_err(Error::InvalidArgument)
 }
 
 /// The base label as shown on `rec`, which has a base.

@@ -522,6 +522,46 @@ impl Tx<'_> {
             .collect())
     }
 
+    /// Calls `f` with every record and its labels, in id order, without
+    /// holding them all in memory: two ordered cursors, merged.
+    pub fn each(&self, mut f: impl FnMut(Record, Labels) -> Result<()>) -> Result<()> {
+        let mut records = self
+            .0
+            .prepare_cached(&format!("SELECT {RECORD_COLUMNS} ORDER BY s.id"))?;
+        let mut labels = self
+            .0
+            .prepare_cached("SELECT snapshot_id, key, value FROM labels ORDER BY snapshot_id")?;
+        let mut records = records.query([])?;
+        let mut labels = labels.query([])?;
+        let next_label = |labels: &mut rusqlite::Rows<'_>| -> rusqlite::Result<_> {
+            Ok(match labels.next()? {
+                Some(r) => Some((
+                    r.get::<_, Id>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                )),
+                None => None,
+            })
+        };
+        let mut pending = next_label(&mut labels)?;
+        while let Some(row) = records.next()? {
+            let rec = record_from_row(row)?;
+            let mut own = Labels::new();
+            while let Some((id, k, v)) = pending.take() {
+                if id > rec.id {
+                    pending = Some((id, k, v));
+                    break;
+                }
+                if id == rec.id {
+                    own.insert(k, v);
+                }
+                pending = next_label(&mut labels)?;
+            }
+            f(rec, own)?;
+        }
+        Ok(())
+    }
+
     /// Every record without labels, in id order.
     fn all_records(&self) -> Result<Vec<Record>> {
         let mut stmt = self

@@ -53,7 +53,7 @@ impl Sizes {
             image_reps: 5,
             usage_files: 100_000,
             usage_reps: 5,
-            teardown_sample: 2_000,
+            teardown_sample: 1_000,
         }
     }
 

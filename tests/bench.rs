@@ -1,0 +1,108 @@
+//! `ontop bench --quick` keeps working, end to end: against a daemon it
+//! starts itself, and through a real containerd against its built-in
+//! overlayfs. Only completion and the report's shape are checked: timings
+//! belong to benchmark runs, not to tests on a noisy machine.
+
+mod common;
+
+use std::process::Command;
+
+use common::containerd::{image_archive, Containerd, IMAGE};
+use common::{Daemon, BIN};
+
+/// Runs `ontop bench --quick ARGS --json FILE` and returns the JSON rows'
+/// workload names per target.
+fn bench(dir: &std::path::Path, args: &[&str]) -> Vec<(String, String)> {
+    let json = dir.join("bench.json");
+    let out = Command::new(BIN)
+        .args(["bench", "--quick", "--scratch"])
+        .arg(dir)
+        .arg("--json")
+        .arg(&json)
+        .args(args)
+        .output()
+        .expect("running ontop bench");
+    assert!(
+        out.status.success(),
+        "ontop bench failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["workload"].as_str().unwrap().to_string(),
+                r["target"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn has(rows: &[(String, String)], workload: &str, target: &str) -> bool {
+    rows.iter()
+        .any(|(w, t)| w.starts_with(workload) && t == target)
+}
+
+#[tokio::test]
+async fn quick_bench_runs_every_workload_against_a_daemon_it_starts() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let serve = format!("ontop={BIN} serve --root {{root}} --address {{address}} --log-level warn");
+    let rows = bench(dir.path(), &["--serve", &serve]);
+    for workload in [
+        "chain: layer",
+        "chain: prepare",
+        "chain: commit",
+        "stat at",
+        "mounts at",
+        "list at",
+        "list filtered at",
+        "create c1",
+        "create c16",
+        "peak rss",
+        "start-up",
+        "usage of",
+        "teardown: remove",
+        "teardown: cleanup",
+    ] {
+        assert!(
+            has(&rows, workload, "ontop"),
+            "no {workload:?} row in {rows:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
+    let d = Daemon::start().await;
+    let ctd = Containerd::start(&d).await;
+    let image = format!("{IMAGE}={}", image_archive().display());
+    let socket = ctd.socket.display().to_string();
+    let rows = bench(
+        d.dir.path(),
+        &[
+            "--containerd",
+            &socket,
+            "--snapshotter",
+            "overlayfs",
+            "--snapshotter",
+            "ontop",
+            "--only",
+            "chain,lookups,image",
+            "--image",
+            &image,
+        ],
+    );
+    for target in ["overlayfs via containerd", "ontop via containerd"] {
+        for workload in ["chain: layer", "stat at", "image: import", "image: ctr run"] {
+            assert!(
+                has(&rows, workload, target),
+                "no {workload:?} for {target} in {rows:?}"
+            );
+        }
+    }
+}
