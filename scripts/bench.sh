@@ -38,6 +38,7 @@ echo "== 1. direct: refproxy against ontop"
 echo "== 2. through containerd: built-in overlayfs against ontop"
 work=$(mktemp -d /tmp/ontop-bench-containerd.XXXXXX)
 cleanup() {
+  set +e
   [ -f "$work/run/containerd.pid" ] && kill "$(cat "$work/run/containerd.pid")" 2>/dev/null
   [ -n "${ontop_pid:-}" ] && kill "$ontop_pid" 2>/dev/null
   sleep 1
