@@ -299,4 +299,23 @@ impl admin::admin_server::Admin for AdminService {
             path: info.path.display().to_string(),
         }))
     }
+
+    async fn check(
+        &self,
+        req: Request<admin::CheckRequest>,
+    ) -> Result<Response<admin::CheckResponse>, Status> {
+        let repair = req.into_inner().repair;
+        let findings = blocking(&self.core, move |c| c.check(repair)).await?;
+        Ok(Response::new(admin::CheckResponse {
+            findings: findings.into_iter().map(finding).collect(),
+        }))
+    }
+}
+
+pub fn finding(f: crate::check::Finding) -> admin::Finding {
+    admin::Finding {
+        needs_person: !f.repaired && !f.problem.repairable(),
+        problem: f.problem.to_string(),
+        repaired: f.repaired,
+    }
 }

@@ -292,6 +292,24 @@ impl Layout {
         Ok(trashed)
     }
 
+    /// Creates an active snapshot's overlay work dir again (it holds no
+    /// data between mounts).
+    pub fn recreate_work(&self, id: Id) -> io::Result<()> {
+        fs::DirBuilder::new().mode(0o711).create(self.work(id))
+    }
+
+    /// Everything in `tmp/` and `trash/`: a running daemon's work in
+    /// progress, or a crash's leftovers when none runs.
+    pub fn temporaries(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for dir in [self.tmp_dir(), self.trash_dir()] {
+            for e in fs::read_dir(&dir)? {
+                out.push(e?.path());
+            }
+        }
+        Ok(out)
+    }
+
     /// The owner of a snapshot's root, which a child's new root copies.
     pub fn owner(&self, id: Id) -> io::Result<(u32, u32)> {
         let md = fs::metadata(self.fs(id))?;

@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod base;
 pub mod bench;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod error;

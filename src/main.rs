@@ -36,6 +36,18 @@ enum Command {
     },
     /// Benchmark snapshotters side by side through the Snapshots API.
     Bench(BenchArgs),
+    /// Check the database against the disk: through a running daemon, or
+    /// offline with --root when none runs. Exits 1 if problems remain.
+    Check {
+        /// Fix what can be fixed without losing data.
+        #[arg(long)]
+        repair: bool,
+        /// Check this root offline; no daemon may be serving it.
+        #[arg(long, conflicts_with = "address")]
+        root: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Targets are compared in the order given; the first is the baseline.
@@ -230,6 +242,40 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             init_logging(&config);
             ontop::server::serve(config).await
         }
+        Command::Check {
+            repair,
+            root,
+            client,
+        } => {
+            let findings = match root {
+                Some(root) => check_offline(&root, repair)?,
+                None => {
+                    let channel = ontop::client::connect(&client.address()?)
+                        .await
+                        .context("no daemon answers; to check a root offline, pass --root")?;
+                    AdminClient::new(channel)
+                        .check(ontop::admin::v1::CheckRequest { repair })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                        .into_inner()
+                        .findings
+                }
+            };
+            for f in &findings {
+                let status = match (f.repaired, f.needs_person) {
+                    (true, _) => "repaired",
+                    (false, true) => "needs a person",
+                    (false, false) => "repairable with --repair",
+                };
+                println!("{status}: {}", f.problem);
+            }
+            let left = findings.iter().filter(|f| !f.repaired).count();
+            if left > 0 {
+                anyhow::bail!("{left} problem(s) left of {} found", findings.len());
+            }
+            println!("ok: the database and the disk agree");
+            Ok(())
+        }
         Command::Ls(client) => {
             let channel = ontop::client::connect(&client.address()?).await?;
             let list = AdminClient::new(channel)
@@ -267,6 +313,29 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `ontop check --root`: the root's lock keeps a daemon from starting
+/// meanwhile, and refuses a root a daemon serves.
+fn check_offline(
+    root: &std::path::Path,
+    repair: bool,
+) -> anyhow::Result<Vec<ontop::admin::v1::Finding>> {
+    let layout = ontop::layout::Layout::new(root);
+    anyhow::ensure!(
+        layout.db_path().exists(),
+        "{} holds no ontop database",
+        root.display()
+    );
+    let _lock = layout.lock().with_context(|| {
+        format!(
+            "{} is in use; check it through its daemon with --address",
+            root.display()
+        )
+    })?;
+    let store = ontop::store::Store::open(&layout.db_path())?;
+    let findings = ontop::check::run(&layout, &store, repair, true)?;
+    Ok(findings.into_iter().map(ontop::grpc::finding).collect())
 }
 
 fn print_info(s: &SnapshotSummary, path: &str, chain: &[SnapshotSummary]) {

@@ -105,6 +105,12 @@ impl Snapshotter {
         })
     }
 
+    /// `ontop check` on the served root (see [`crate::check`]). `tmp/`
+    /// and `trash/` are the daemon's own while it runs, so they are left out.
+    pub fn check(&self, repair: bool) -> Result<Vec<crate::check::Finding>> {
+        crate::check::run(&self.layout, &self.store, repair, false)
+    }
+
     /// SQLite's `quick_check` of the whole database.
     pub fn check_database(&self) -> anyhow::Result<()> {
         self.store.quick_check()

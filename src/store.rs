@@ -571,6 +571,31 @@ impl Tx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// What SQLite's integrity and foreign-key checks report; empty when
+    /// the database is sound.
+    pub fn database_problems(&self) -> Result<Vec<String>> {
+        let mut problems: Vec<String> = self
+            .0
+            .prepare("PRAGMA integrity_check")?
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        problems.retain(|p| p != "ok");
+        let broken = self
+            .0
+            .prepare("PRAGMA foreign_key_check")?
+            .query_map([], |r| {
+                Ok(format!(
+                    "{} row {} refers to a missing {}",
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<i64>>(1)?.unwrap_or_default(),
+                    r.get::<_, String>(2)?
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        problems.extend(broken);
+        Ok(problems)
+    }
+
     /// The ids the database knows, for reconciling with the disk.
     pub fn ids(&self) -> Result<HashSet<Id>> {
         let mut stmt = self.0.prepare_cached("SELECT id FROM snapshots")?;

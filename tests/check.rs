@@ -1,0 +1,123 @@
+//! `ontop check`: every kind of damage a root can take is found, what is
+//! safe is repaired, and what needs a person is said so, online through the
+//! daemon and offline on its root.
+
+mod common;
+
+use std::fs;
+use std::process::{Command, Output};
+
+use common::{labels, Daemon, BIN};
+
+const BASE_LABEL: &str = "containerd.io/snapshot/ontop.base";
+
+fn check(args: &[&str]) -> (Output, String) {
+    let out = Command::new(BIN)
+        .arg("check")
+        .args(args)
+        .output()
+        .expect("running ontop check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+fn lines_with<'a>(text: &'a str, status: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.starts_with(status)).collect()
+}
+
+#[tokio::test]
+async fn damage_is_found_the_safe_part_repaired_and_the_rest_named() {
+    let mut d = Daemon::start_with_bases("").await;
+    let mut c = d.client().await;
+    let host = d.hosts().join("tree");
+    fs::create_dir_all(&host).unwrap();
+    let gone = d.hosts().join("gone");
+    fs::create_dir_all(&gone).unwrap();
+
+    c.prepare("plain", "").await.unwrap(); // 1
+    c.prepare("layer-active", "").await.unwrap(); // 2
+    c.commit("layer", "layer-active").await.unwrap();
+    c.prepare("child", "layer").await.unwrap(); // 3
+    let on = |p: &std::path::Path| labels(&[(BASE_LABEL, p.to_str().unwrap())]);
+    c.prepare_with("on-base", "", on(&host)).await.unwrap(); // 4
+    c.prepare_with("on-gone", "", on(&gone)).await.unwrap(); // 5
+
+    let sock = d.socket.to_str().unwrap().to_string();
+    let (out, text) = check(&["--address", &sock]);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("ok: the database and the disk agree"),
+        "{text}"
+    );
+
+    // The damage: an orphan directory, a lost work dir, a lost tree, a
+    // deleted base link, a stray base link, and a host base gone.
+    let snaps = d.root.join("snapshots");
+    fs::create_dir_all(snaps.join("999/fs")).unwrap();
+    fs::remove_dir(snaps.join("1/work")).unwrap();
+    fs::remove_dir_all(snaps.join("3/fs")).unwrap();
+    fs::remove_file(snaps.join("4/base")).unwrap();
+    std::os::unix::fs::symlink(&host, snaps.join("1/base")).unwrap();
+    fs::remove_dir(&gone).unwrap();
+
+    let (out, text) = check(&["--address", &sock]);
+    assert!(!out.status.success(), "{text}");
+    assert_eq!(
+        lines_with(&text, "repairable with --repair").len(),
+        4,
+        "{text}"
+    );
+    let person = lines_with(&text, "needs a person");
+    assert_eq!(person.len(), 2, "{text}");
+    assert!(
+        person
+            .iter()
+            .any(|l| l.contains("\"child\"") && l.contains("lost its tree")),
+        "{text}"
+    );
+    assert!(
+        person
+            .iter()
+            .any(|l| l.contains("\"on-gone\"") && l.contains("no longer a directory")),
+        "{text}"
+    );
+
+    let (out, text) = check(&["--address", &sock, "--repair"]);
+    assert!(
+        !out.status.success(),
+        "what needs a person is still there: {text}"
+    );
+    assert_eq!(lines_with(&text, "repaired").len(), 4, "{text}");
+    assert!(!snaps.join("999").exists());
+    assert!(snaps.join("1/work").is_dir());
+    assert_eq!(
+        fs::read_link(snaps.join("4/base")).unwrap(),
+        host.canonicalize().unwrap()
+    );
+    assert!(!snaps.join("1/base").exists());
+    // The repaired snapshots work again.
+    c.mounts("on-base").await.unwrap();
+
+    // Offline: refused while the daemon holds the root...
+    let root = d.root.to_str().unwrap().to_string();
+    let (out, text) = check(&["--root", &root]);
+    assert!(!out.status.success());
+    assert!(text.contains("in use"), "{text}");
+    // ...and once it is stopped, it also sees a crash's leftovers.
+    d.stop().await;
+    fs::create_dir_all(d.root.join("tmp/new-1-0/fs")).unwrap();
+    let (_, text) = check(&["--root", &root]);
+    assert_eq!(
+        lines_with(&text, "repairable with --repair").len(),
+        1,
+        "{text}"
+    );
+    let (_, text) = check(&["--root", &root, "--repair"]);
+    assert_eq!(lines_with(&text, "repaired").len(), 1, "{text}");
+    assert_eq!(fs::read_dir(d.root.join("tmp")).unwrap().count(), 0);
+    assert_eq!(lines_with(&text, "needs a person").len(), 2, "{text}");
+}
