@@ -40,6 +40,9 @@ pub struct Config {
     /// Directories host base directories may come from; empty turns the
     /// feature off.
     pub base_roots: Vec<PathBuf>,
+    /// Who owns the socket, when not ontop's own user and group.
+    pub socket_owner: Option<u32>,
+    pub socket_group: Option<u32>,
 }
 
 /// `config.toml` as written; every key optional. Unknown keys are errors,
@@ -55,6 +58,10 @@ pub struct FileConfig {
     pub async_remove: Option<bool>,
     pub mount_options: Option<Vec<String>>,
     pub base_roots: Option<Vec<PathBuf>>,
+    /// A user name or uid.
+    pub socket_owner: Option<String>,
+    /// A group name or gid.
+    pub socket_group: Option<String>,
 }
 
 /// The flags that can override the file.
@@ -69,6 +76,19 @@ pub struct Overrides {
 
 impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("reading config file {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o002 != 0 {
+            bail!(
+                "config file {} is world-writable (mode {:o}): anyone could choose what ontop \
+                 mounts; chmod o-w it",
+                path.display(),
+                mode & 0o7777
+            );
+        }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
@@ -165,6 +185,8 @@ impl Config {
             async_remove: file.async_remove.unwrap_or(false),
             mount_options: file.mount_options.unwrap_or_default(),
             base_roots: file.base_roots.unwrap_or_default(),
+            socket_owner: file.socket_owner.as_deref().map(user_id).transpose()?,
+            socket_group: file.socket_group.as_deref().map(group_id).transpose()?,
         };
         config.validate()?;
         Ok(config)
@@ -221,6 +243,28 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// A uid from a user name or number.
+fn user_id(name: &str) -> anyhow::Result<u32> {
+    if let Ok(id) = name.parse() {
+        return Ok(id);
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        _ => bail!("socket_owner {name:?} is not a user on this machine"),
+    }
+}
+
+/// A gid from a group name or number.
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    if let Ok(id) = name.parse() {
+        return Ok(id);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        _ => bail!("socket_group {name:?} is not a group on this machine"),
     }
 }
 

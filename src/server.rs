@@ -52,6 +52,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     let (listener, socket_ino) = bind_socket(&config.address)?;
+    if config.socket_owner.is_some() || config.socket_group.is_some() {
+        std::os::unix::fs::chown(&config.address, config.socket_owner, config.socket_group)
+            .with_context(|| format!("setting the owner of {}", config.address.display()))?;
+    }
     tracing::info!(
         root = %config.root.display(),
         backend = %config.backend,

@@ -143,6 +143,7 @@ impl Writer {
 impl Store {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> anyhow::Result<Store> {
+        restrict_mode(path)?;
         let writer = open_connection(path)?;
         migrate(&writer).with_context(|| format!("migrating {}", path.display()))?;
         let readers = (0..READERS)
@@ -283,6 +284,33 @@ impl Store {
             .lock()
             .map_err(|_| anyhow::anyhow!("metadata reader lock poisoned"))
     }
+}
+
+/// Creates the database file 0600, or narrows an existing one to it:
+/// labels are any client's data. SQLite gives its -wal and -shm files the
+/// database file's mode.
+fn restrict_mode(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating database {}", path.display()))?;
+    for p in [
+        path.to_path_buf(),
+        path.with_extension("db-wal"),
+        path.with_extension("db-shm"),
+    ] {
+        match std::fs::symlink_metadata(&p) {
+            Ok(md) if md.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("setting mode 0600 on {}", p.display()))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn open_connection(path: &Path) -> anyhow::Result<Connection> {

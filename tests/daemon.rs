@@ -353,3 +353,37 @@ async fn the_fuse_backend_refuses_to_start_without_fuse_overlayfs_on_path() {
         .unwrap();
     assert!(stderr(&out).contains("fuse-overlayfs"), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn the_socket_group_is_configurable_and_the_database_is_private() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start_with_config("socket_group = \"daemon\"").await;
+    let daemon_gid = nix::unistd::Group::from_name("daemon")
+        .unwrap()
+        .expect("Debian has a daemon group")
+        .gid
+        .as_raw();
+    let md = fs::metadata(&d.socket).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o777),
+        (0, daemon_gid, 0o660)
+    );
+    let mut c = d.client().await;
+    c.prepare("k", "").await.unwrap();
+    for f in ["metadata.db", "metadata.db-wal", "metadata.db-shm"] {
+        let mode = fs::metadata(d.root.join(f)).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+
+    // Unknown names and a world-writable config are refused with the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    fs::write(&cfg, "socket_group = \"no-such-group\"\n").unwrap();
+    let out = ontop(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(stderr(&out).contains("not a group"), "{}", stderr(&out));
+    fs::write(&cfg, "").unwrap();
+    fs::set_permissions(&cfg, fs::Permissions::from_mode(0o666)).unwrap();
+    let out = ontop(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("world-writable"), "{}", stderr(&out));
+}
