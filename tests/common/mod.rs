@@ -326,6 +326,14 @@ impl Daemon {
         child.wait().unwrap();
     }
 
+    /// Collects a daemon that was killed from outside (see `pid`).
+    pub fn reap(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            child.wait().unwrap();
+        }
+    }
+
     pub async fn restart(&mut self) {
         self.stop().await;
         self.spawn().await;

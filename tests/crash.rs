@@ -1,0 +1,297 @@
+//! Crash safety: a randomised workload of Prepare, View, Commit, Remove and
+//! Update, with real files written into uppers, is killed with SIGKILL at
+//! random moments, again and again. After every restart:
+//!
+//! - every acknowledged operation is still in effect, and committed layers
+//!   hold exactly the bytes written before their Commit;
+//! - nothing half-created is visible;
+//! - `ontop check` finds the database sound and in agreement with the disk,
+//!   once Cleanup has run.
+//!
+//! An operation cut off by the kill may or may not have happened; it is
+//! resolved by asking the restarted daemon, and then held to that answer.
+//!
+//! `ONTOP_SOAK=N` runs N times as many operations and kills.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::{labels, Client, Daemon, BIN};
+use ontop::containerd_api::types::Mount;
+use tonic::Code;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Kind {
+    Active,
+    View,
+    Committed,
+}
+
+#[derive(Debug, Clone)]
+struct Snap {
+    kind: Kind,
+    parent: String,
+    /// A file written into the upper, and its bytes.
+    content: Option<(String, Vec<u8>)>,
+    labels: HashMap<String, String>,
+}
+
+#[derive(Default)]
+struct Model {
+    snaps: BTreeMap<String, Snap>,
+    next: u64,
+}
+
+impl Model {
+    fn fresh(&mut self, prefix: &str) -> String {
+        self.next += 1;
+        format!("{prefix}-{}", self.next)
+    }
+
+    fn pick(&self, f: impl Fn(&Snap) -> bool) -> Option<String> {
+        let keys: Vec<&String> = self
+            .snaps
+            .iter()
+            .filter(|(_, s)| f(s))
+            .map(|(k, _)| k)
+            .collect();
+        (!keys.is_empty()).then(|| keys[fastrand::usize(..keys.len())].clone())
+    }
+
+    fn has_children(&self, key: &str) -> bool {
+        self.snaps.values().any(|s| s.parent == key)
+    }
+}
+
+/// An operation that the kill may have cut off.
+#[derive(Debug)]
+enum InDoubt {
+    Create(String, Snap),
+    Commit { name: String, key: String },
+    Remove(String),
+    Update(String),
+}
+
+/// The request died with the daemon: its connection broke.
+fn killed(s: &tonic::Status) -> bool {
+    match s.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled => true,
+        Code::Internal => s.message().contains("h2") || s.message().contains("transport"),
+        _ => false,
+    }
+}
+
+/// The snapshot's own upper (or bind source), where containerd's applier
+/// writes a layer.
+fn upper(mounts: &[Mount]) -> std::path::PathBuf {
+    let m = &mounts[0];
+    match m.options.iter().find_map(|o| o.strip_prefix("upperdir=")) {
+        Some(u) => u.into(),
+        None => m.source.clone().into(),
+    }
+}
+
+/// Runs random operations until one is cut off (returned) or `budget` is
+/// spent (None). Every acknowledged one is applied to the model.
+async fn drive(c: &mut Client, m: &mut Model, budget: &mut usize) -> Option<InDoubt> {
+    while *budget > 0 {
+        *budget -= 1;
+        let roll = fastrand::u32(..100);
+        if roll < 30 {
+            let parent = if fastrand::bool() {
+                m.pick(|s| s.kind == Kind::Committed).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            let key = m.fresh("a");
+            let snap = Snap {
+                kind: Kind::Active,
+                parent: parent.clone(),
+                content: None,
+                labels: HashMap::new(),
+            };
+            match c.prepare(&key, &parent).await {
+                Ok(mounts) => {
+                    let bytes: Vec<u8> = (0..fastrand::usize(1..4096))
+                        .map(|_| fastrand::u8(..))
+                        .collect();
+                    let file = format!("file-{key}");
+                    std::fs::write(upper(&mounts).join(&file), &bytes).unwrap();
+                    m.snaps.insert(
+                        key,
+                        Snap {
+                            content: Some((file, bytes)),
+                            ..snap
+                        },
+                    );
+                }
+                Err(s) if killed(&s) => return Some(InDoubt::Create(key, snap)),
+                Err(s) => panic!("Prepare {key} on {parent:?}: {s}"),
+            }
+        } else if roll < 38 {
+            let Some(parent) = m.pick(|s| s.kind == Kind::Committed) else {
+                continue;
+            };
+            let key = m.fresh("v");
+            let snap = Snap {
+                kind: Kind::View,
+                parent: parent.clone(),
+                content: None,
+                labels: HashMap::new(),
+            };
+            match c.view(&key, &parent).await {
+                Ok(_) => {
+                    m.snaps.insert(key, snap);
+                }
+                Err(s) if killed(&s) => return Some(InDoubt::Create(key, snap)),
+                Err(s) => panic!("View {key}: {s}"),
+            }
+        } else if roll < 60 {
+            let Some(key) = m.pick(|s| s.kind == Kind::Active) else {
+                continue;
+            };
+            let name = m.fresh("c");
+            match c.commit(&name, &key).await {
+                Ok(()) => commit_in_model(m, &name, &key),
+                Err(s) if killed(&s) => return Some(InDoubt::Commit { name, key }),
+                Err(s) => panic!("Commit {key} as {name}: {s}"),
+            }
+        } else if roll < 92 {
+            let Some(key) = m.pick(|_| true).filter(|k| !m.has_children(k)) else {
+                continue;
+            };
+            match c.remove(&key).await {
+                Ok(()) => {
+                    m.snaps.remove(&key);
+                }
+                Err(s) if killed(&s) => return Some(InDoubt::Remove(key)),
+                Err(s) => panic!("Remove {key}: {s}"),
+            }
+        } else {
+            let Some(key) = m.pick(|_| true) else {
+                continue;
+            };
+            let mut info = c.stat(&key).await.ok()?;
+            let value = fastrand::u32(..).to_string();
+            info.labels = labels(&[("crash/test", &value)]);
+            match c.update(info, &["labels.crash/test"]).await {
+                Ok(_) => {
+                    m.snaps.get_mut(&key).unwrap().labels = labels(&[("crash/test", &value)]);
+                }
+                Err(s) if killed(&s) => return Some(InDoubt::Update(key)),
+                Err(s) => panic!("Update {key}: {s}"),
+            }
+        }
+    }
+    None
+}
+
+fn commit_in_model(m: &mut Model, name: &str, key: &str) {
+    let mut s = m.snaps.remove(key).unwrap();
+    s.kind = Kind::Committed;
+    s.labels.clear(); // Commit replaces labels; it was given none.
+    m.snaps.insert(name.to_string(), s);
+}
+
+/// Asks the restarted daemon what became of the cut-off operation.
+async fn resolve(c: &mut Client, m: &mut Model, doubt: InDoubt) {
+    match doubt {
+        InDoubt::Create(key, snap) => {
+            if c.stat(&key).await.is_ok() {
+                m.snaps.insert(key, snap);
+            }
+        }
+        InDoubt::Commit { name, key } => {
+            if c.stat(&name).await.is_ok() {
+                commit_in_model(m, &name, &key);
+            }
+        }
+        InDoubt::Remove(key) => {
+            if c.stat(&key).await.is_err() {
+                m.snaps.remove(&key);
+            }
+        }
+        InDoubt::Update(key) => {
+            let info = c.stat(&key).await.unwrap();
+            m.snaps.get_mut(&key).unwrap().labels = info.labels;
+        }
+    }
+}
+
+/// Everything acknowledged is there, as acknowledged, and nothing else.
+async fn verify(d: &Daemon, c: &mut Client, m: &Model) {
+    let mut listed = c.list(&[]).await.unwrap();
+    listed.sort();
+    let expected: Vec<String> = m.snaps.keys().cloned().collect();
+    assert_eq!(listed, expected, "the daemon's snapshots against the model");
+    let mut admin = d.admin().await;
+    for (key, s) in &m.snaps {
+        let info = c.stat(key).await.unwrap();
+        let kind = match info.kind {
+            1 => Kind::View,
+            2 => Kind::Active,
+            3 => Kind::Committed,
+            k => panic!("{key}: kind {k}"),
+        };
+        assert_eq!((&kind, &info.parent), (&s.kind, &s.parent), "{key}");
+        assert_eq!(info.labels, s.labels, "{key}");
+        if let (Kind::Committed, Some((file, bytes))) = (&s.kind, &s.content) {
+            let path = admin
+                .info(ontop::admin::v1::InfoRequest { key: key.clone() })
+                .await
+                .unwrap()
+                .into_inner()
+                .path;
+            let found = std::fs::read(std::path::Path::new(&path).join("fs").join(file))
+                .unwrap_or_else(|e| panic!("{key}: {file}: {e}"));
+            assert!(found == *bytes, "{key}: {file} changed");
+        }
+    }
+    c.cleanup().await.unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--address"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ontop check after a crash and Cleanup:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_work_survives_sigkill_at_random_moments() {
+    let soak: usize = std::env::var("ONTOP_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut d = Daemon::start().await;
+    let mut m = Model::default();
+    let mut budget = 5000 * soak;
+    let mut kills = 0;
+    while budget > 0 {
+        let mut c = d.client().await;
+        let pid = nix::unistd::Pid::from_raw(d.pid() as i32);
+        let delay = Duration::from_millis(fastrand::u64(20..400));
+        let killer = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        });
+        let doubt = drive(&mut c, &mut m, &mut budget).await;
+        killer.await.unwrap();
+        d.reap();
+        kills += 1;
+        d.spawn().await;
+        let mut c = d.client().await;
+        if let Some(doubt) = doubt {
+            resolve(&mut c, &mut m, doubt).await;
+        }
+        verify(&d, &mut c, &m).await;
+    }
+    eprintln!("{kills} kills, {} snapshots at the end", m.snaps.len());
+    assert!(kills >= 10 * soak, "only {kills} kills");
+}
