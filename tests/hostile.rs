@@ -1,0 +1,173 @@
+//! Hostile input: the filter parser under proptest and a corpus kept in
+//! `tests/corpus/filters.txt`, and the gRPC API fed adversarial keys,
+//! labels, filters, field paths and base directories. Every request gets a
+//! status from the contract (never Internal, never a dropped connection),
+//! the daemon keeps serving, and `ontop check` finds it consistent.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{labels, Daemon, BIN};
+use ontop::filter::Filter;
+use ontop::snapshot::{Kind, Snapshot, Timestamp};
+use proptest::prelude::*;
+use tonic::Code;
+
+const CORPUS: &str = include_str!("corpus/filters.txt");
+const BASE_LABEL: &str = "containerd.io/snapshot/ontop.base";
+
+fn sample() -> Snapshot {
+    Snapshot {
+        id: 1,
+        kind: Kind::Active,
+        key: "a/b c".into(),
+        parent: "p".into(),
+        labels: [("x".to_string(), "y".to_string())].into_iter().collect(),
+        created: Timestamp(0),
+        updated: Timestamp(0),
+    }
+}
+
+#[test]
+fn the_filter_corpus_parses_or_is_refused_without_panicking() {
+    for line in CORPUS.lines() {
+        if let Ok(f) = Filter::parse_all(&[line]) {
+            f.matches(&sample());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Filter-shaped noise: the characters the grammar cares about.
+    #[test]
+    fn random_filters_never_panic(s in r#"[a-z.,"=!~/\\ ()\[\]*^$0-9]{0,64}"#) {
+        if let Ok(f) = Filter::parse_all(&[s.as_str()]) {
+            f.matches(&sample());
+        }
+    }
+
+    /// Anything at all.
+    #[test]
+    fn arbitrary_strings_never_panic(s in any::<String>()) {
+        if let Ok(f) = Filter::parse_all(&[s.as_str()]) {
+            f.matches(&sample());
+        }
+    }
+}
+
+/// A status the contract allows for bad input.
+fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, what: &str) {
+    match r {
+        Ok(v) => panic!("{what}: accepted: {v:?}"),
+        Err(s) => assert!(
+            matches!(
+                s.code(),
+                Code::InvalidArgument
+                    | Code::NotFound
+                    | Code::FailedPrecondition
+                    | Code::AlreadyExists
+            ),
+            "{what}: {s}"
+        ),
+    }
+}
+
+#[tokio::test]
+async fn adversarial_requests_get_contract_statuses_and_leave_a_consistent_root() {
+    let d = Daemon::start_with_bases("").await;
+    let mut c = d.client().await;
+
+    // Keys: empty is refused; huge, odd and unicode ones are just keys.
+    refused(c.prepare("", "").await, "empty key");
+    refused(c.prepare("k", "no-such-parent").await, "missing parent");
+    for key in [
+        "x".repeat(1 << 20),
+        "\u{0}".into(),
+        "../../etc".into(),
+        "😀 / \\ ,:".into(),
+    ] {
+        c.prepare(&key, "").await.unwrap();
+        c.stat(&key).await.unwrap();
+        c.remove(&key).await.unwrap();
+    }
+
+    // Labels: 10k of them pass; one over the size limit is refused.
+    let many: HashMap<String, String> =
+        (0..10_000).map(|i| (format!("l{i}"), "v".into())).collect();
+    c.prepare_with("many", "", many).await.unwrap();
+    assert_eq!(c.stat("many").await.unwrap().labels.len(), 10_000);
+    refused(
+        c.prepare_with("big", "", labels(&[("k", &"v".repeat(5000))]))
+            .await,
+        "oversized label",
+    );
+    refused(
+        c.prepare_with(
+            "vol",
+            "",
+            labels(&[("containerd.io/snapshot/ontop.volatile", "maybe")]),
+        )
+        .await,
+        "bad volatile",
+    );
+
+    // Filters from the corpus: parsed or refused as InvalidArgument.
+    for line in CORPUS.lines() {
+        if let Err(s) = c.list(&[line]).await {
+            assert_eq!(s.code(), Code::InvalidArgument, "{line:?}: {s}");
+        }
+    }
+
+    // Field paths.
+    let info = c.stat("many").await.unwrap();
+    for path in ["name", "parent", "kind", "", "labels..", "created_at"] {
+        if let Err(s) = c.update(info.clone(), &[path]).await {
+            assert_eq!(s.code(), Code::InvalidArgument, "{path:?}: {s}");
+        }
+    }
+
+    // Bases: every escape from the allowlist is refused.
+    let hosts = d.hosts();
+    std::fs::create_dir_all(hosts.join("ok")).unwrap();
+    std::os::unix::fs::symlink("loop-b", hosts.join("loop-a")).unwrap();
+    std::os::unix::fs::symlink("loop-a", hosts.join("loop-b")).unwrap();
+    std::os::unix::fs::symlink("/etc", hosts.join("to-etc")).unwrap();
+    let escapes = [
+        "..".to_string(),
+        "relative/dir".into(),
+        format!("{}/../..", hosts.display()),
+        format!("{}/ok/../../..", hosts.display()),
+        format!("{}/loop-a", hosts.display()),
+        format!("{}/to-etc", hosts.display()),
+        "/proc".into(),
+        "/".into(),
+        d.root.display().to_string(),
+        d.root.join("snapshots").display().to_string(),
+        format!("{}/ok\u{0}", hosts.display()),
+    ];
+    for (i, base) in escapes.iter().enumerate() {
+        refused(
+            c.prepare_with(&format!("b{i}"), "", labels(&[(BASE_LABEL, base)]))
+                .await,
+            base,
+        );
+    }
+
+    // Still serving, nothing half-made, and the root is consistent.
+    c.prepare("after", "").await.unwrap();
+    let listed = c.list(&[]).await.unwrap();
+    assert_eq!(listed, ["after", "many"]);
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--address"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
