@@ -349,11 +349,64 @@ async fn a_container_runs_on_a_host_directory_under_the_image_layers() {
     );
 }
 
+/// containerd's garbage collector meets ontop restarting and crashing at
+/// the moments it calls List, Remove and Cleanup: a restart right before a
+/// `ctr run --rm` (whose removal triggers a collection), and a SIGKILL in
+/// the middle of removing an image's snapshots. containerd retries, ontop
+/// answers idempotently, and in the end neither has anything left.
+async fn garbage_collection_finishes_across_ontop_restarts_and_crashes() {
+    let mut d = Daemon::start().await;
+    let ctd = Containerd::start(&d).await;
+    ctd.import_image();
+
+    d.restart().await;
+    eventually(15, "a container run right after ontop restarts", || {
+        ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "ontop",
+            common::containerd::IMAGE,
+            "after-restart",
+            "true",
+        ])
+        .status
+        .success()
+    })
+    .await;
+
+    // Remove the image, its collection running while ontop dies.
+    let socket = ctd.socket.clone();
+    let rm = std::thread::spawn(move || {
+        std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(&socket)
+            .args(["--namespace", common::containerd::NS])
+            .args(["images", "rm", "--sync", common::containerd::IMAGE])
+            .output()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(0..30))).await;
+    d.kill();
+    d.spawn().await;
+    let _ = rm.join();
+    eventually(30, "GC to finish what the crash interrupted", || {
+        // Each deletion triggers another collection, as on a busy node.
+        // containerd may still be redialling ontop: failures are fine.
+        ctd.ctr(&["snapshots", "--snapshotter", "ontop", "prepare", "nudge"]);
+        ctd.ctr(&["snapshots", "--snapshotter", "ontop", "rm", "nudge"]);
+        ctd.snapshot_keys().is_empty() && d.snapshot_dirs().is_empty()
+    })
+    .await;
+    let mut c = d.client().await;
+    assert!(c.list(&[]).await.unwrap().is_empty());
+}
+
 on_every_backend!(
     an_image_unpacks_through_ontop_and_ctr_shows_its_chain,
     containers_see_the_image_rootfs_and_keep_their_writes_to_themselves,
     ctr_snapshot_commands_drive_ontop_directly,
     garbage_collection_leaves_nothing_behind,
+    garbage_collection_finishes_across_ontop_restarts_and_crashes,
     containerd_keeps_working_across_ontop_restarts,
     a_container_runs_on_a_host_directory_under_the_image_layers,
 );
