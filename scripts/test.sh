@@ -8,8 +8,8 @@ install_build_deps
 # The containerd suite runs Debian's containerd and runc, and builds its
 # test image from busybox-static. Every mount suite also runs on
 # fuse-overlayfs; the rootless suite needs useradd, setpriv, unshare and
-# nsenter.
-apt_install util-linux passwd containerd runc busybox-static tar coreutils fuse-overlayfs fuse3
+# nsenter; the disk-full test makes an ext4 image (e2fsprogs).
+apt_install util-linux passwd e2fsprogs containerd runc busybox-static tar coreutils fuse-overlayfs fuse3
 require_overlayfs
 require_fuse
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"

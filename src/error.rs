@@ -55,6 +55,21 @@ impl From<std::io::Error> for Error {
     }
 }
 
+/// Whether `e` comes from a full filesystem or quota (ENOSPC, EDQUOT),
+/// by way of the OS or SQLite.
+fn out_of_space(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
+        }
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = cause.downcast_ref::<rusqlite::Error>()
+        {
+            return f.code == rusqlite::ErrorCode::DiskFull;
+        }
+        false
+    })
+}
+
 /// The one place domain errors become gRPC statuses.
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
@@ -63,6 +78,12 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(m) => tonic::Status::already_exists(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            // A full disk is the node's state, not a bug: say so, so that
+            // the operator and containerd's retries can tell.
+            Error::Internal(e) if out_of_space(&e) => {
+                tracing::warn!(error = format!("{e:#}"), "out of space");
+                tonic::Status::resource_exhausted(format!("{e:#}"))
+            }
             Error::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");
                 tonic::Status::internal(format!("{e:#}"))
