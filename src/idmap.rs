@@ -103,12 +103,7 @@ fn parse(label: &str, value: &str) -> Result<Vec<Range>> {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::snapshot::labels_of as labels;
 
     #[test]
     fn containerd_labels_become_colon_separated_fuse_options() {

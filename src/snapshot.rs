@@ -76,3 +76,12 @@ impl Timestamp {
         UNIX_EPOCH + Duration::from_nanos(self.0.max(0) as u64)
     }
 }
+
+/// Labels from pairs, for unit tests.
+#[cfg(test)]
+pub fn labels_of(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -655,12 +655,7 @@ impl Tx<'_> {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::snapshot::labels_of as labels;
 
     fn new<'a>(
         kind: Kind,

@@ -18,7 +18,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use common::{labels, Client, Daemon, BIN};
+use common::{labels, Client, Daemon};
 use ontop::containerd_api::types::Mount;
 use tonic::Code;
 
@@ -250,17 +250,7 @@ async fn verify(d: &Daemon, c: &mut Client, m: &Model) {
         }
     }
     c.cleanup().await.unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--address"])
-        .arg(&d.socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ontop check after a crash and Cleanup:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.assert_consistent();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use common::{labels, Daemon, BIN};
+use common::{labels, Daemon};
 use tonic::Code;
 
 fn run(cmd: &str, args: &[&str]) {
@@ -36,20 +36,6 @@ fn fill(dir: &Path) {
         .and_then(|()| f.sync_all())
         .is_ok()
     {}
-}
-
-fn check_ok(d: &Daemon) {
-    let out = Command::new(BIN)
-        .args(["check", "--address"])
-        .arg(&d.socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ontop check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test]
@@ -125,7 +111,7 @@ async fn a_full_disk_fails_cleanly_and_work_resumes_once_space_is_freed() {
     // What succeeded is there, nothing else is, and the root is consistent.
     made.sort();
     assert_eq!(c.list(&[]).await.unwrap(), made);
-    check_ok(&d);
+    d.assert_consistent();
 
     // Space back: everything works again.
     std::fs::remove_file(d.root.join("filler")).unwrap();
@@ -133,5 +119,5 @@ async fn a_full_disk_fails_cleanly_and_work_resumes_once_space_is_freed() {
     c.commit("after", "after-active").await.unwrap();
     std::fs::write(upper.join("big"), vec![1u8; 1 << 20]).ok();
     c.cleanup().await.unwrap();
-    check_ok(&d);
+    d.assert_consistent();
 }

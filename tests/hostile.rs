@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{labels, Daemon, BIN};
+use common::{labels, Daemon};
 use ontop::filter::Filter;
 use ontop::snapshot::{Kind, Snapshot, Timestamp};
 use proptest::prelude::*;
@@ -160,14 +160,5 @@ async fn adversarial_requests_get_contract_statuses_and_leave_a_consistent_root(
     c.prepare("after", "").await.unwrap();
     let listed = c.list(&[]).await.unwrap();
     assert_eq!(listed, ["after", "many"]);
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--address"])
-        .arg(&d.socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    d.assert_consistent();
 }

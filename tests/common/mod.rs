@@ -365,6 +365,22 @@ impl Daemon {
         p
     }
 
+    /// Runs `ontop check` through the daemon and fails the test with its
+    /// report unless the database and the disk agree.
+    pub fn assert_consistent(&self) {
+        let out = Command::new(BIN)
+            .args(["check", "--address"])
+            .arg(&self.socket)
+            .output()
+            .expect("running ontop check");
+        assert!(
+            out.status.success(),
+            "ontop check:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Where host base directories may live (see `start_with_bases`).
     pub fn hosts(&self) -> PathBuf {
         self.dir.path().join("hosts")
