@@ -162,3 +162,73 @@ async fn adversarial_requests_get_contract_statuses_and_leave_a_consistent_root(
     assert_eq!(listed, ["after", "many"]);
     d.assert_consistent();
 }
+
+/// Sends bytes as they are, to put what protobuf forbids on the wire.
+#[derive(Clone, Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+    }
+}
+
+/// A key that is not UTF-8 cannot be a protobuf string: the request does
+/// not parse, and gRPC's status table gives INTERNAL for an unparseable
+/// request (tonic and grpc-go alike). Nothing reaches ontop's core.
+#[tokio::test]
+async fn a_non_utf8_key_is_an_unparseable_request_and_changes_nothing() {
+    let d = Daemon::start().await;
+    let channel = ontop::client::connect(&d.socket).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    // PrepareSnapshotRequest { snapshotter: "ontop", key: [ff fe 41] }
+    let body = vec![
+        0x0a, 5, b'o', b'n', b't', b'o', b'p', 0x12, 3, 0xff, 0xfe, 0x41,
+    ];
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/containerd.services.snapshots.v1.Snapshots/Prepare",
+    );
+    let err = grpc
+        .unary(tonic::Request::new(body), path, Raw)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    assert!(err.message().contains("UTF-8"), "{err}");
+    let mut c = d.client().await;
+    assert!(c.list(&[]).await.unwrap().is_empty());
+    assert!(d.snapshot_dirs().is_empty());
+}
