@@ -194,7 +194,6 @@ impl Store {
         // Last in the queue, or a batch big enough that its first callers
         // have waited long enough: commit for everyone in it.
         if self.queued.load(Ordering::SeqCst) == 0 || w.in_batch >= MAX_BATCH {
-            // Last in the queue: commit for everyone in the batch.
             let committed = w.finish();
             self.committed.notify_all();
             committed?;
@@ -243,8 +242,10 @@ impl Store {
             Err(_) => w.conn.execute_batch("ROLLBACK TO op; RELEASE op"),
         };
         if let Err(e) = closed {
-            // The savepoint is in an unknown state: drop the whole batch,
-            // which fails everyone in it, rather than commit half of it.
+            // The savepoint is gone or in an unknown state (SQLite rolls a
+            // whole transaction back on some errors, such as a full disk):
+            // drop the batch, which fails everyone in it, rather than
+            // commit half of it.
             let _ = w.conn.execute_batch("ROLLBACK");
             w.end_batch(Some(e.to_string()));
             return Err(e.into());
