@@ -120,15 +120,17 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         // Containers start through Mounts: answer from the async worker
         // when a reader is free and no filesystem work is due, which saves
-        // the hop to the blocking pool (half the latency).
-        let plan = match self.core.try_mount_plan(&r.key) {
-            Some(plan) => plan?,
-            None => blocking(&self.core, move |c| c.wait_mount_plan(&r.key)).await?,
-        };
-        let mounts = if plan.touches_filesystem() {
-            blocking(&self.core, move |c| c.mounts_for(plan)).await?
-        } else {
-            self.core.mounts_for(plan)?
+        // the hop to the blocking pool.
+        let mounts = match self.core.try_mount_plan(&r.key) {
+            Some(plan) => {
+                let plan = plan?;
+                if plan.touches_filesystem() {
+                    blocking(&self.core, move |c| c.mounts_for(plan)).await?
+                } else {
+                    self.core.mounts_for(plan)?
+                }
+            }
+            None => blocking(&self.core, move |c| c.mounts(&r.key)).await?,
         };
         Ok(Response::new(api::MountsResponse {
             mounts: to_api_mounts(mounts),

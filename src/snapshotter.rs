@@ -246,11 +246,6 @@ impl Snapshotter {
         self.store.try_read(|tx| self.mount_plan(tx, key))
     }
 
-    /// What Mounts needs from the database, waiting for a reader.
-    pub fn wait_mount_plan(&self, key: &str) -> Result<MountPlan> {
-        self.store.read(|tx| self.mount_plan(tx, key))
-    }
-
     fn mount_plan(&self, tx: &Tx<'_>, key: &str) -> Result<MountPlan> {
         let rec = tx.require(key)?;
         if rec.kind == Kind::Committed {
@@ -488,18 +483,6 @@ impl Snapshotter {
             }
         }
         Ok(())
-    }
-
-    /// Every snapshot matching containerd `filters` (ORed strings of ANDed
-    /// selectors).
-    pub fn list(&self, filters: &[String]) -> Result<Vec<Snapshot>> {
-        let filter = parse_filters(filters)?;
-        let mut out = Vec::new();
-        self.list_each(&filter, |s| {
-            out.push(s);
-            Ok(())
-        })?;
-        Ok(out)
     }
 
     /// Calls `f` with every snapshot matching `filter`, one at a time from

@@ -15,7 +15,7 @@
 //! before; sixteen share one fsync. No caller returns before the COMMIT
 //! that holds its work, so every acknowledged RPC is still durable.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -530,25 +530,12 @@ impl Tx<'_> {
     /// Every snapshot record with its labels, in id order (oldest first):
     /// two queries whatever the count.
     pub fn all(&self) -> Result<Vec<(Record, Labels)>> {
-        let mut labels: HashMap<Id, Labels> = HashMap::new();
-        let mut stmt = self
-            .0
-            .prepare_cached("SELECT snapshot_id, key, value FROM labels")?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            labels
-                .entry(r.get(0)?)
-                .or_default()
-                .insert(r.get(1)?, r.get(2)?);
-        }
-        Ok(self
-            .all_records()?
-            .into_iter()
-            .map(|rec| {
-                let l = labels.remove(&rec.id).unwrap_or_default();
-                (rec, l)
-            })
-            .collect())
+        let mut out = Vec::new();
+        self.each(|rec, labels| {
+            out.push((rec, labels));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Calls `f` with every record and its labels, in id order, without
@@ -589,15 +576,6 @@ impl Tx<'_> {
             f(rec, own)?;
         }
         Ok(())
-    }
-
-    /// Every record without labels, in id order.
-    fn all_records(&self) -> Result<Vec<Record>> {
-        let mut stmt = self
-            .0
-            .prepare_cached(&format!("SELECT {RECORD_COLUMNS} ORDER BY s.id"))?;
-        let rows = stmt.query_map([], record_from_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// What SQLite's integrity and foreign-key checks report; empty when
