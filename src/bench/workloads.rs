@@ -5,9 +5,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
+use futures::future::BoxFuture;
 
 use super::stats::{self, Row, Series};
 use super::{Plan, Sizes, Target};
@@ -26,6 +28,9 @@ struct Held {
 
 /// A label one population snapshot in ten carries, for filtered List.
 const GROUP_LABEL: &str = "bench/group";
+
+/// What `lookups` measures, in the order it returns them.
+const LOOKUPS: [&str; 4] = ["stat", "mounts", "list", "list filtered"];
 
 /// The workload groups `--only` can pick; teardown always runs.
 pub const GROUPS: &[&str] = &["chain", "lookups", "create", "usage", "image"];
@@ -78,11 +83,10 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
     if wants("lookups") {
         // 2. Lookups at the first scale.
         let n = sizes.scales[0];
-        let [stat, mounts, list, filtered] = lookups(targets, &mut held, n, sizes, &run).await?;
-        report(&format!("stat at {}", count(n)), "ms", stat);
-        report(&format!("mounts at {}", count(n)), "ms", mounts);
-        report(&format!("list at {}", count(n)), "ms", list);
-        report(&format!("list filtered at {}", count(n)), "ms", filtered);
+        let measured = lookups(targets, &mut held, n, sizes, &run).await?;
+        for (what, series) in LOOKUPS.into_iter().zip(measured) {
+            report(&format!("{what} at {}", count(n)), "ms", series);
+        }
     }
 
     if wants("create") {
@@ -119,12 +123,10 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
         // 4. Lookups at the larger scale, then memory and start-up there.
         let n = *sizes.scales.last().expect("a scale");
         if sizes.scales.len() > 1 {
-            let [stat, mounts, list, filtered] =
-                lookups(targets, &mut held, n, sizes, &run).await?;
-            report(&format!("stat at {}", count(n)), "ms", stat);
-            report(&format!("mounts at {}", count(n)), "ms", mounts);
-            report(&format!("list at {}", count(n)), "ms", list);
-            report(&format!("list filtered at {}", count(n)), "ms", filtered);
+            let measured = lookups(targets, &mut held, n, sizes, &run).await?;
+            for (what, series) in LOOKUPS.into_iter().zip(measured) {
+                report(&format!("{what} at {}", count(n)), "ms", series);
+            }
         }
 
         let mut rss = vec![Series::default(); targets.len()];
@@ -405,6 +407,46 @@ fn write_files(dir: &Path, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `op` once per item, `concurrency` lanes at a time (item k in
+/// lane k mod `concurrency`), each lane on its own client, and returns every
+/// op's latency and the wall time of them all.
+async fn in_lanes<T, F>(
+    t: &Target,
+    items: Vec<T>,
+    concurrency: usize,
+    op: F,
+) -> anyhow::Result<(Vec<Duration>, Duration)>
+where
+    T: Send + 'static,
+    F: for<'a> Fn(&'a mut Target, T) -> BoxFuture<'a, anyhow::Result<()>> + Send + Sync + 'static,
+{
+    let op = Arc::new(op);
+    let mut lanes: Vec<Vec<T>> = (0..concurrency).map(|_| Vec::new()).collect();
+    for (k, item) in items.into_iter().enumerate() {
+        lanes[k % concurrency].push(item);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for lane in lanes {
+        let mut t = t.clone_for_task();
+        let op = Arc::clone(&op);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(lane.len());
+            for item in lane {
+                let began = Instant::now();
+                op(&mut t, item).await?;
+                latencies.push(began.elapsed());
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    Ok((latencies, started.elapsed()))
+}
+
 /// Adds `n` active snapshots with no parent, one in ten labelled, at
 /// `concurrency`; not measured.
 async fn populate(
@@ -414,33 +456,21 @@ async fn populate(
     concurrency: usize,
 ) -> anyhow::Result<Vec<String>> {
     let keys: Vec<String> = (0..n).map(|k| format!("{prefix}-{k}")).collect();
-    let mut tasks = Vec::new();
-    for lane in 0..concurrency {
-        let mut t = t.clone_for_task();
-        let mine: Vec<(usize, String)> = keys
-            .iter()
-            .cloned()
-            .enumerate()
-            .skip(lane)
-            .step_by(concurrency)
-            .collect();
-        tasks.push(tokio::spawn(async move {
-            for (k, key) in mine {
-                let labels = if k % 10 == 0 {
-                    HashMap::from([(GROUP_LABEL.to_string(), "tagged".to_string())])
-                } else {
-                    HashMap::new()
-                };
-                t.prepare(&key, "", labels)
-                    .await
-                    .map_err(|s| anyhow!("Prepare {key}: {s}"))?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
+    let items: Vec<(usize, String)> = keys.iter().cloned().enumerate().collect();
+    in_lanes(t, items, concurrency, |t, (k, key)| {
+        Box::pin(async move {
+            let labels = if k % 10 == 0 {
+                HashMap::from([(GROUP_LABEL.to_string(), "tagged".to_string())])
+            } else {
+                HashMap::new()
+            };
+            t.prepare(&key, "", labels)
+                .await
+                .map_err(|s| anyhow!("Prepare {key}: {s}"))?;
+            Ok(())
+        })
+    })
+    .await?;
     Ok(keys)
 }
 
@@ -453,37 +483,21 @@ async fn create_pairs(
     concurrency: usize,
     series: &mut Series,
 ) -> anyhow::Result<Vec<String>> {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for lane in 0..concurrency {
-        let mut t = t.clone_for_task();
-        let prefix = prefix.to_string();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            for k in (lane..n).step_by(concurrency) {
-                let began = Instant::now();
-                let name = format!("{prefix}-{k}");
-                let key = format!("{name}-active");
-                t.prepare(&key, "", HashMap::new())
-                    .await
-                    .map_err(|s| anyhow!("Prepare {key}: {s}"))?;
-                t.commit(&name, &key)
-                    .await
-                    .map_err(|s| anyhow!("Commit {key}: {s}"))?;
-                out.push((name, began.elapsed()));
-            }
-            anyhow::Ok(out)
-        }));
-    }
-    let mut names = Vec::new();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        for (name, d) in task.await?? {
-            names.push(name);
-            latencies.push(d);
-        }
-    }
-    series.add_batch(&latencies, started.elapsed());
+    let names: Vec<String> = (0..n).map(|k| format!("{prefix}-{k}")).collect();
+    let (latencies, wall) = in_lanes(t, names.clone(), concurrency, |t, name| {
+        Box::pin(async move {
+            let key = format!("{name}-active");
+            t.prepare(&key, "", HashMap::new())
+                .await
+                .map_err(|s| anyhow!("Prepare {key}: {s}"))?;
+            t.commit(&name, &key)
+                .await
+                .map_err(|s| anyhow!("Commit {key}: {s}"))?;
+            Ok(())
+        })
+    })
+    .await?;
+    series.add_batch(&latencies, wall);
     Ok(names)
 }
 
@@ -516,32 +530,15 @@ async fn remove_concurrently(
     if keys.is_empty() {
         return Ok(());
     }
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for lane in 0..concurrency {
-        let mut t = t.clone_for_task();
-        let mine: Vec<String> = keys
-            .iter()
-            .skip(lane)
-            .step_by(concurrency)
-            .cloned()
-            .collect();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            for key in mine {
-                let began = Instant::now();
-                t.remove(&key)
-                    .await
-                    .map_err(|s| anyhow!("Remove {key}: {s}"))?;
-                latencies.push(began.elapsed());
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await??);
-    }
-    series.add_batch(&latencies, started.elapsed());
+    let (latencies, wall) = in_lanes(t, keys, concurrency, |t, key| {
+        Box::pin(async move {
+            t.remove(&key)
+                .await
+                .map_err(|s| anyhow!("Remove {key}: {s}"))?;
+            Ok(())
+        })
+    })
+    .await?;
+    series.add_batch(&latencies, wall);
     Ok(())
 }
