@@ -224,6 +224,28 @@ pub fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+impl Containerd {
+    /// Waits until `check` holds after containerd's garbage collection,
+    /// for at most `secs` seconds. containerd 1.6's GC scheduler drops a
+    /// deletion that lands while a collection runs (`gc/scheduler`: events
+    /// older than the last collection's end are skipped), so on a quiet
+    /// node the last removal may wait for the next one. Each round here is
+    /// that next one: a throwaway snapshot made and removed, as a busy node
+    /// does all the time, collected by the time of the next check. Failures
+    /// are fine: containerd may be redialling.
+    pub async fn after_gc(&self, secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+        eventually(secs, what, || {
+            if check() {
+                return true;
+            }
+            self.ctr(&["snapshots", "--snapshotter", "ontop", "prepare", "gc-nudge"]);
+            self.ctr(&["snapshots", "--snapshotter", "ontop", "rm", "gc-nudge"]);
+            false
+        })
+        .await
+    }
+}
+
 /// Waits until `check` holds, for at most `secs` seconds.
 pub async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
