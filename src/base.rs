@@ -5,13 +5,17 @@
 //! (containerd forwards only labels under `containerd.io/snapshot/`). Any
 //! containerd client can set labels, so the label is untrusted input: a
 //! base must resolve, after symlinks and `..`, to a directory inside one of
-//! the configured `base_roots`, and never overlap ontop's own root.
+//! the configured `base_roots`, and never overlap ontop's own root. The
+//! directory it resolved to is then pinned (see [`crate::pin`]), so that
+//! what containerd mounts is what was checked.
 
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::pin::{self, OpenError};
 use crate::snapshot::Labels;
 
 pub const BASE_LABEL: &str = "containerd.io/snapshot/ontop.base";
@@ -55,21 +59,11 @@ impl BasePolicy {
         if !resolved.is_dir() {
             return reject(format!("{} is not a directory", resolved.display()));
         }
-        let inside_allowed = self.allowed_roots.iter().any(|root| {
-            root.canonicalize()
-                .map(|r| resolved.starts_with(r))
-                .unwrap_or(false)
-        });
-        if !inside_allowed {
-            let roots: Vec<String> = self
-                .allowed_roots
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect();
+        if !self.allows(&resolved) {
             return reject(format!(
                 "resolves to {}, which is outside the allowed base_roots [{}]",
                 resolved.display(),
-                roots.join(", ")
+                self.roots()
             ));
         }
         let own = self
@@ -85,6 +79,62 @@ impl BasePolicy {
         }
         Ok(resolved)
     }
+
+    /// Opens a base the database holds, to pin it: it must still be inside
+    /// `base_roots` (the config may have changed) and be reached without
+    /// following a symlink, since a swapped-in symlink is how a path
+    /// escapes after it was checked.
+    pub fn open(&self, base: &Path) -> Result<OwnedFd> {
+        let shown = base.display();
+        if !self.allows(base) {
+            return Err(Error::failed_precondition(format!(
+                "base directory {shown} is no longer inside the allowed base_roots [{}]",
+                self.roots()
+            )));
+        }
+        open_resolved(base)
+    }
+
+    fn allows(&self, resolved: &Path) -> bool {
+        self.allowed_roots.iter().any(|root| {
+            root.canonicalize()
+                .map(|r| resolved.starts_with(r))
+                .unwrap_or(false)
+        })
+    }
+
+    fn roots(&self) -> String {
+        let roots: Vec<String> = self
+            .allowed_roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect();
+        roots.join(", ")
+    }
+}
+
+/// Opens a resolved base (a canonical path) without following a symlink,
+/// or says, as a FailedPrecondition, why it cannot be pinned.
+pub fn open_resolved(base: &Path) -> Result<OwnedFd> {
+    let shown = base.display();
+    pin::open_dir(base).map_err(|e| {
+        Error::failed_precondition(match e {
+            OpenError::Missing => format!("base directory {shown} is gone"),
+            OpenError::NotADirectory(at) if at == base => {
+                format!("base directory {shown} is no longer a directory")
+            }
+            OpenError::NotADirectory(at) => format!(
+                "base directory {shown} is gone: {} on its path is not a directory",
+                at.display()
+            ),
+            OpenError::Symlink(at) => format!(
+                "base directory {shown}: {} on its path is now a symlink, and a resolved \
+                     base is never reached through one",
+                at.display()
+            ),
+            OpenError::Io(e) => format!("base directory {shown} cannot be opened: {e}"),
+        })
+    })
 }
 
 /// The base a request names, if any: a non-empty base label.
@@ -108,26 +158,12 @@ pub fn volatile(labels: &Labels) -> Result<bool> {
 
 /// Makes `upper`'s root look like the base's root: the merged tree's root
 /// takes its attributes from the upper dir, and a container on a base
-/// should see the base's root mode and owner.
-pub fn copy_root_attributes(base: &Path, upper: &Path) -> io::Result<()> {
-    let md = std::fs::metadata(base)?;
-    std::os::unix::fs::chown(upper, Some(md.uid()), Some(md.gid()))?;
-    std::fs::set_permissions(upper, std::fs::Permissions::from_mode(md.mode() & 0o7777))
-}
-
-/// Checks, at Mounts, that the base is still a directory.
-pub fn check_present(base: &Path) -> Result<()> {
-    match std::fs::metadata(base) {
-        Ok(md) if md.is_dir() => Ok(()),
-        Ok(_) => Err(Error::failed_precondition(format!(
-            "base directory {} is no longer a directory",
-            base.display()
-        ))),
-        Err(e) => Err(Error::failed_precondition(format!(
-            "base directory {} is gone: {e}",
-            base.display()
-        ))),
-    }
+/// should see the base's root mode and owner. `base` is the opened base,
+/// not its path, which may lead elsewhere by now.
+pub fn copy_root_attributes(base: BorrowedFd<'_>, upper: &Path) -> io::Result<()> {
+    let st = nix::sys::stat::fstat(base.as_raw_fd())?;
+    std::os::unix::fs::chown(upper, Some(st.st_uid), Some(st.st_gid))?;
+    std::fs::set_permissions(upper, std::fs::Permissions::from_mode(st.st_mode & 0o7777))
 }
 
 #[cfg(test)]

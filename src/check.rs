@@ -2,8 +2,9 @@
 //!
 //! It finds what a crash, a full disk or a hand in the root can leave:
 //! directories the database does not know, snapshots whose directories are
-//! gone, base links that disagree with the database, a host base that has
-//! vanished, broken parent links and a damaged database. With `repair` it
+//! gone, base pins that hold another directory than the base's path now
+//! shows or that should not be there, a host base that can no longer be
+//! reached safely, broken parent links and a damaged database. With `repair` it
 //! fixes what can be fixed without losing or inventing data, and reports
 //! the rest as needing a person.
 //!
@@ -12,12 +13,15 @@
 //! daemon holds.
 
 use std::fmt;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
+use crate::base;
 use crate::error::Result;
 use crate::layout::{self, Layout};
+use crate::pin;
 use crate::snapshot::{Id, Kind};
-use crate::store::Store;
+use crate::store::{Record, Store};
 
 /// One problem found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,12 +36,16 @@ pub enum Problem {
     MissingTree { id: Id, key: String },
     /// An active snapshot without its overlay work dir.
     MissingWork { id: Id, key: String },
-    /// The base link is missing or points elsewhere than the database.
-    BaseLink { id: Id, key: String },
-    /// A base link where the database has no base.
-    StrayBaseLink { id: Id, key: String },
-    /// The host base directory itself is gone.
-    MissingBase { id: Id, key: String, base: PathBuf },
+    /// The base pin holds a directory that is no longer at the base's path.
+    /// (A missing pin is not a problem: Mounts pins, and a reboot drops
+    /// every pin.)
+    StaleBasePin { id: Id, key: String },
+    /// A base pin, or anything at `snapshots/<id>/base`, on a snapshot
+    /// with no mounts on a base: a committed one, or one without a base.
+    StrayBasePin { id: Id, key: String },
+    /// The host base cannot be reached safely: gone, not a directory, or
+    /// behind a symlink.
+    MissingBase { id: Id, key: String, why: String },
 }
 
 impl Problem {
@@ -48,8 +56,8 @@ impl Problem {
             Problem::OrphanDir(_)
                 | Problem::Leftover(_)
                 | Problem::MissingWork { .. }
-                | Problem::BaseLink { .. }
-                | Problem::StrayBaseLink { .. }
+                | Problem::StaleBasePin { .. }
+                | Problem::StrayBasePin { .. }
         )
     }
 }
@@ -70,18 +78,18 @@ impl fmt::Display for Problem {
             Problem::MissingWork { id, key } => {
                 write!(f, "active snapshot {key:?} (id {id}) has no work dir")
             }
-            Problem::BaseLink { id, key } => write!(
+            Problem::StaleBasePin { id, key } => write!(
                 f,
-                "snapshot {key:?} (id {id}): snapshots/{id}/base does not point at its base"
+                "snapshot {key:?} (id {id}): snapshots/{id}/base holds a directory that is \
+                 no longer at the base's path"
             ),
-            Problem::StrayBaseLink { id, key } => {
-                write!(f, "snapshot {key:?} (id {id}) has a base link but no base")
-            }
-            Problem::MissingBase { id, key, base } => write!(
+            Problem::StrayBasePin { id, key } => write!(
                 f,
-                "snapshot {key:?} (id {id}) sits on {}, which is no longer a directory; \
-                 restore it, or remove the snapshot",
-                base.display()
+                "snapshot {key:?} (id {id}) has snapshots/{id}/base but no base to mount"
+            ),
+            Problem::MissingBase { id, key, why } => write!(
+                f,
+                "snapshot {key:?} (id {id}): {why}; restore it, or remove the snapshot"
             ),
         }
     }
@@ -146,36 +154,7 @@ pub fn run(
                     repaired,
                 });
             }
-            let link = std::fs::read_link(layout.base_link(id)).ok();
-            match (&rec.base, link) {
-                (Some(base), link) => {
-                    if !base.is_dir() {
-                        findings.push(Finding {
-                            problem: Problem::MissingBase {
-                                id,
-                                key: key.clone(),
-                                base: base.clone(),
-                            },
-                            repaired: false,
-                        });
-                    }
-                    if link.as_deref() != Some(base.as_path()) {
-                        let repaired = repair && layout.set_base_link(id, Some(base)).is_ok();
-                        findings.push(Finding {
-                            problem: Problem::BaseLink { id, key },
-                            repaired,
-                        });
-                    }
-                }
-                (None, Some(_)) => {
-                    let repaired = repair && layout.set_base_link(id, None).is_ok();
-                    findings.push(Finding {
-                        problem: Problem::StrayBaseLink { id, key },
-                        repaired,
-                    });
-                }
-                (None, None) => {}
-            }
+            findings.extend(check_base(layout, rec, repair));
         }
         if repair {
             // Under the write lock, as Cleanup does: nothing is being
@@ -204,4 +183,39 @@ pub fn run(
         }
     }
     Ok(findings)
+}
+
+/// The base of `rec`: reachable, and pinned only where a pin belongs.
+fn check_base(layout: &Layout, rec: &Record, repair: bool) -> Option<Finding> {
+    let (id, key) = (rec.id, rec.key.clone());
+    let pin_dir = layout.base_dir(id);
+    let dir = match rec.base.as_deref().map(base::open_resolved) {
+        Some(Err(e)) => {
+            return Some(Finding {
+                problem: Problem::MissingBase {
+                    id,
+                    key,
+                    why: e.to_string(),
+                },
+                repaired: false,
+            })
+        }
+        Some(Ok(dir)) if rec.kind != Kind::Committed => dir,
+        // No mounts on a base: nothing belongs at the pin's place.
+        _ => {
+            pin_dir.symlink_metadata().ok()?;
+            return Some(Finding {
+                problem: Problem::StrayBasePin { id, key },
+                repaired: repair && layout.unpin_base(id).is_ok(),
+            });
+        }
+    };
+    let pinned = pin::is_mount_point(&pin_dir).unwrap_or(false);
+    if pinned && pin::identity_at(&pin_dir).ok() != pin::identity(dir.as_fd()).ok() {
+        return Some(Finding {
+            problem: Problem::StaleBasePin { id, key },
+            repaired: repair && layout.pin_base(id, dir.as_fd()).is_ok(),
+        });
+    }
+    None
 }

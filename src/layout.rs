@@ -5,7 +5,7 @@
 //! <root>/metadata.db       SQLite (plus -wal, -shm)
 //! <root>/snapshots/<id>/fs    the snapshot's upper dir (its whole tree if it has no parent)
 //! <root>/snapshots/<id>/work  overlay's work dir (active snapshots only)
-//! <root>/snapshots/<id>/base  symlink to the host base directory, if any
+//! <root>/snapshots/<id>/base  mount point: the host base, pinned read-only (active and views)
 //! <root>/tmp/              snapshots being built, before they get an id
 //! <root>/empty/            always empty: the lower dir of a mapped snapshot with no parent
 //! <root>/trash/            directories waiting to be deleted
@@ -20,16 +20,19 @@
 //! renames a directory owns its deletion, and nothing can be half-deleted at
 //! a path the database might point to.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context as _};
 
+use crate::pin;
 use crate::snapshot::{Id, Kind};
 
 #[derive(Debug, Clone)]
@@ -38,6 +41,10 @@ pub struct Layout {
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+/// Orders pinning against discarding, so that a Mounts racing a Remove
+/// never pins into a directory on its way to the trash.
+static PINS: Mutex<()> = Mutex::new(());
 
 fn unique_name(prefix: &str) -> String {
     format!(
@@ -77,32 +84,45 @@ impl Layout {
         self.snapshot_dir(id).join("work")
     }
 
-    /// The short path that stands for a host base directory in `lowerdir`:
-    /// host paths may hold `,` or `:`, which overlay options cannot carry,
-    /// and a path under the root keeps containerd's lowerdir compaction
-    /// working for deep images on a base.
-    pub fn base_link(&self, id: Id) -> PathBuf {
+    /// Where the snapshot's host base is pinned (see [`crate::pin`]). Mount
+    /// specs name this path, never the host's: host paths may hold `,` or
+    /// `:`, which overlay options cannot carry; a path under the root keeps
+    /// containerd's lowerdir compaction working for deep images on a base;
+    /// and only ontop can change what it shows.
+    pub fn base_dir(&self, id: Id) -> PathBuf {
         self.snapshot_dir(id).join("base")
     }
 
-    /// Points `snapshots/<id>/base` at `target`, or removes it for None.
-    /// Replacing is atomic (a rename over the old link), and a link that
-    /// already points there is left alone.
-    pub fn set_base_link(&self, id: Id, target: Option<&Path>) -> io::Result<()> {
-        let link = self.base_link(id);
-        let Some(target) = target else {
-            return match fs::remove_file(&link) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                other => other,
-            };
-        };
-        if fs::read_link(&link).ok().as_deref() == Some(target) {
-            return Ok(());
+    /// Pins `base`, a directory opened with [`pin::open_dir`], at the
+    /// snapshot's base dir, unless it is pinned there already. NotFound
+    /// means the snapshot's directory is gone: it was removed meanwhile.
+    pub fn pin_base(&self, id: Id, base: BorrowedFd<'_>) -> io::Result<()> {
+        let _pins = PINS.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock, a directory still here is not being discarded.
+        fs::symlink_metadata(self.snapshot_dir(id))?;
+        let target = self.base_dir(id);
+        match fs::symlink_metadata(&target) {
+            Ok(md) if md.is_dir() => {
+                if pin::identity_at(&target)? == pin::identity(base)? {
+                    return Ok(());
+                }
+                pin::unpin(&target)?;
+            }
+            // Before pins, the base dir was a symlink to the host path.
+            Ok(_) => {
+                fs::remove_file(&target)?;
+                create_mount_point(&target)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => create_mount_point(&target)?,
+            Err(e) => return Err(e),
         }
-        let tmp = self.snapshot_dir(id).join(".base-new");
-        let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(target, &tmp)?;
-        fs::rename(&tmp, &link)
+        pin::pin(base, &target)
+    }
+
+    /// Unpins the snapshot's base and removes its base dir, if any.
+    pub fn unpin_base(&self, id: Id) -> io::Result<()> {
+        let _pins = PINS.lock().unwrap_or_else(|e| e.into_inner());
+        remove_base_dir(&self.base_dir(id))
     }
 
     /// Scratch space on the snapshots' filesystem, emptied at start-up.
@@ -255,7 +275,11 @@ impl Layout {
         self.discard_path(&self.snapshot_dir(id))
     }
 
+    /// Unpins a base first: a pin is a mount, and the trash must hold
+    /// nothing but ontop's own files.
     fn discard_path(&self, path: &Path) -> io::Result<Option<PathBuf>> {
+        let _pins = PINS.lock().unwrap_or_else(|e| e.into_inner());
+        pin::unpin(&path.join("base"))?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -318,10 +342,116 @@ impl Layout {
 }
 
 /// Removes a tree, ignoring that it is already gone.
+///
+/// It never deletes through a mount. The only mounts under the root are
+/// base pins, which show host directories; one met on the way (a crash
+/// can leave a pin in `tmp/`) is detached first, and if it will not go,
+/// the removal fails and leaves it. Directories are opened relative to
+/// their parent with `O_NOFOLLOW`, so a symlink swapped in by a container
+/// still writing to its upper cannot lead the removal out of the tree.
 pub fn remove_all(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
+    let md = match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    if !md.is_dir() {
+        return ignore_missing(fs::remove_file(path));
+    }
+    let mount = pin::mount_of(None, path)?;
+    let dir = open_subdir(None, path)?;
+    remove_contents(&dir, path, mount)?;
+    ignore_missing(fs::remove_dir(path))
+}
+
+fn remove_contents(dir: &OwnedFd, path: &Path, mount: u64) -> io::Result<()> {
+    if pin::mount_of(Some(dir.as_fd()), Path::new(""))? != mount {
+        return Err(crosses_mount(path));
+    }
+    let mut listing = nix::dir::Dir::from_fd(nix::unistd::dup(dir.as_raw_fd())?)?;
+    let mut entries = Vec::new();
+    for entry in listing.iter() {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            let is_dir = match entry.file_type() {
+                Some(t) => t == nix::dir::Type::Directory,
+                None => nix::sys::stat::fstatat(
+                    Some(dir.as_raw_fd()),
+                    name,
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)?,
+            };
+            entries.push((OsStr::from_bytes(name.to_bytes()).to_owned(), is_dir));
+        }
+    }
+    drop(listing);
+    for (name, is_dir) in entries {
+        let name = Path::new(&name);
+        let child = path.join(name);
+        if !is_dir {
+            ignore_missing(
+                nix::unistd::unlinkat(
+                    Some(dir.as_raw_fd()),
+                    name,
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                )
+                .map_err(io::Error::from),
+            )?;
+            continue;
+        }
+        if pin::mount_of(Some(dir.as_fd()), name)? != mount {
+            // Detached through the parent we hold open, not by path.
+            let held = Path::new("/proc/self/fd")
+                .join(dir.as_raw_fd().to_string())
+                .join(name);
+            pin::unpin(&held)?;
+            if pin::mount_of(Some(dir.as_fd()), name)? != mount {
+                return Err(crosses_mount(&child));
+            }
+        }
+        let sub = match open_subdir(Some(dir.as_fd()), name) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            other => other?,
+        };
+        remove_contents(&sub, &child, mount)?;
+        drop(sub);
+        ignore_missing(
+            nix::unistd::unlinkat(
+                Some(dir.as_raw_fd()),
+                name,
+                nix::unistd::UnlinkatFlags::RemoveDir,
+            )
+            .map_err(io::Error::from),
+        )?;
+    }
+    Ok(())
+}
+
+fn open_subdir(dir: Option<BorrowedFd<'_>>, name: &Path) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(
+        dir.map(|d| d.as_raw_fd()),
+        name,
+        nix::fcntl::OFlag::O_RDONLY
+            | nix::fcntl::OFlag::O_DIRECTORY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: openat just returned this descriptor, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn crosses_mount(path: &Path) -> io::Error {
+    io::Error::other(format!(
+        "refusing to delete {}: something is mounted there and would not unmount",
+        path.display()
+    ))
+}
+
+fn ignore_missing(r: io::Result<()>) -> io::Result<()> {
+    match r {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotADirectory => fs::remove_file(path),
         other => other,
     }
 }
@@ -345,9 +475,26 @@ impl NewSnapshotDir {
         self.path().join("fs")
     }
 
-    /// Links the host base directory in, before the directory is installed.
-    pub fn link_base(&self, target: &Path) -> io::Result<()> {
-        std::os::unix::fs::symlink(target, self.path().join("base"))
+    /// Pins the host base, opened with [`pin::open_dir`], before the
+    /// directory is installed.
+    pub fn pin_base(&self, base: BorrowedFd<'_>) -> io::Result<()> {
+        let target = self.path().join("base");
+        create_mount_point(&target)?;
+        pin::pin(base, &target)
+    }
+}
+
+fn create_mount_point(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(0o700).create(path)
+}
+
+fn remove_base_dir(path: &Path) -> io::Result<()> {
+    pin::unpin(path)?;
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => ignore_missing(fs::remove_dir(path)),
+        Ok(_) => ignore_missing(fs::remove_file(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -421,25 +568,90 @@ mod tests {
         assert_eq!(l.snapshot_dir_names().unwrap(), vec![OsString::from("1")]);
     }
 
-    #[test]
-    fn the_base_link_is_replaced_atomically_and_removal_never_follows_it() {
-        let (d, l) = layout();
+    fn host(d: &tempfile::TempDir) -> PathBuf {
         let host = d.path().join("host");
         fs::create_dir_all(host.join("precious")).unwrap();
+        fs::write(host.join("precious/file"), "keep").unwrap();
+        host
+    }
+
+    #[test]
+    fn removal_never_deletes_through_a_mount_even_a_writable_one() {
+        let (d, l) = layout();
+        let host = host(&d);
+        let tree = l.tmp_dir().join("tree");
+        fs::create_dir_all(tree.join("a/b")).unwrap();
+        fs::write(tree.join("a/f"), "x").unwrap();
+        std::os::unix::fs::symlink(&host, tree.join("a/link")).unwrap();
+        nix::mount::mount(
+            Some(&host),
+            &tree.join("a/b"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let removed = remove_all(&tree);
+        let _ = pin::unpin(&tree.join("a/b"));
+        removed.unwrap();
+        assert!(!tree.exists());
+        assert_eq!(
+            fs::read_to_string(host.join("precious/file")).unwrap(),
+            "keep"
+        );
+    }
+
+    #[test]
+    fn a_base_is_pinned_once_and_unpinned_before_its_snapshot_is_discarded() {
+        let (d, l) = layout();
+        let host = host(&d);
+        let base = pin::open_dir(&host).unwrap();
         l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 1)
             .unwrap();
-        l.set_base_link(1, Some(&host)).unwrap();
-        assert_eq!(fs::read_link(l.base_link(1)).unwrap(), host);
-        l.set_base_link(1, Some(&d.path().join("other"))).unwrap();
-        l.set_base_link(1, Some(&host)).unwrap();
-        assert_eq!(fs::read_link(l.base_link(1)).unwrap(), host);
+        l.pin_base(1, base.as_fd()).unwrap();
+        l.pin_base(1, base.as_fd()).unwrap();
+        assert!(pin::is_mount_point(&l.base_dir(1)).unwrap());
+        assert!(l.base_dir(1).join("precious/file").exists());
+
         let trashed = l.discard(1).unwrap().unwrap();
+        assert!(!pin::is_mount_point(&trashed.join("base")).unwrap());
         remove_all(&trashed).unwrap();
-        assert!(
-            host.join("precious").is_dir(),
-            "deleting a snapshot never follows its base link"
+        assert_eq!(
+            fs::read_to_string(host.join("precious/file")).unwrap(),
+            "keep"
         );
-        l.set_base_link(2, None).unwrap();
+        assert!(matches!(
+            l.pin_base(1, base.as_fd()).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        ));
+    }
+
+    #[test]
+    fn a_pin_left_in_tmp_by_a_crash_is_detached_at_start_up() {
+        let (d, l) = layout();
+        let host = host(&d);
+        let dir = l.new_snapshot_dir(Kind::Active).unwrap();
+        dir.pin_base(pin::open_dir(&host).unwrap().as_fd()).unwrap();
+        std::mem::forget(dir);
+        assert_eq!(l.remove_stale_temporaries().unwrap(), 1);
+        assert_eq!(fs::read_dir(l.tmp_dir()).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_to_string(host.join("precious/file")).unwrap(),
+            "keep"
+        );
+    }
+
+    #[test]
+    fn unpinning_also_removes_an_old_base_symlink() {
+        let (d, l) = layout();
+        let host = host(&d);
+        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 1)
+            .unwrap();
+        std::os::unix::fs::symlink(&host, l.base_dir(1)).unwrap();
+        l.unpin_base(1).unwrap();
+        assert!(l.base_dir(1).symlink_metadata().is_err());
+        l.unpin_base(1).unwrap();
+        assert!(host.join("precious/file").exists());
     }
 
     #[test]

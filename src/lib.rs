@@ -23,6 +23,7 @@ pub mod labels;
 pub mod layout;
 pub mod mounter;
 pub mod mounts;
+pub mod pin;
 pub mod server;
 pub mod snapshot;
 pub mod snapshotter;

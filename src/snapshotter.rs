@@ -11,8 +11,9 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::os::unix::fs::chown;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
@@ -189,6 +190,7 @@ impl Snapshotter {
                 }
                 (None, None) => None,
             };
+            let pinned = base.as_deref().map(|b| self.bases.open(b)).transpose()?;
             let id = tx.insert(
                 &NewSnapshot {
                     kind,
@@ -208,12 +210,12 @@ impl Snapshotter {
                     .owner(pid)
                     .with_context(|| format!("reading the owner of parent {parent:?}"))?;
                 chown(dir.fs(), Some(uid), Some(gid)).context("copying the parent's root owner")?;
-            } else if let Some(b) = &base {
-                base::copy_root_attributes(b, &dir.fs())
-                    .with_context(|| format!("copying the root mode and owner of base {}", b.display()))?;
+            } else if let Some(b) = &pinned {
+                base::copy_root_attributes(b.as_fd(), &dir.fs())
+                    .context("copying the root mode and owner of the base")?;
             }
-            if let Some(b) = &base {
-                dir.link_base(b).context("linking the base directory")?;
+            if let Some(b) = &pinned {
+                dir.pin_base(b.as_fd()).context("pinning the base directory")?;
             }
             let layers = self.layers(kind, id, &ancestors, base.is_some(), volatile, idmap);
             self.layout
@@ -275,12 +277,9 @@ impl Snapshotter {
             idmap,
         } = plan;
         if let Some(b) = &rec.base {
-            base::check_present(b)?;
-            // The database is the truth; a crash after an Update may have
-            // left the link behind it.
-            self.layout
-                .set_base_link(rec.id, Some(b))
-                .context("linking the base directory")?;
+            // Every time: after a reboot the pin is gone, and the host may
+            // have put a new directory at the base's path.
+            self.pin_base(&rec, b)?;
         }
         let writable_overlay =
             rec.kind == Kind::Active && (rec.base.is_some() || !ancestors.is_empty());
@@ -310,7 +309,7 @@ impl Snapshotter {
         // long, and containerd holds its own write transaction meanwhile.
         let rec = self.store.read(|tx| check_commit(tx, name, key))?;
         let measured = self.upper_usage(rec.id)?;
-        self.store.write(|tx| {
+        let unpin = self.store.write(|tx| {
             // Checked again: another request may have won in between.
             let now = check_commit(tx, name, key)?;
             let usage = if now.id == rec.id {
@@ -332,11 +331,22 @@ impl Snapshotter {
                     )));
                 }
             }
+            let unpin = current.is_some().then_some(now.id);
             if let Some(current) = current {
                 labels.insert(BASE_LABEL.to_string(), current);
             }
-            tx.commit(now.id, name, &labels, usage, Timestamp::now())
-        })
+            tx.commit(now.id, name, &labels, usage, Timestamp::now())?;
+            Ok(unpin)
+        })?;
+        // A committed snapshot has no mounts, so its pin goes: children
+        // pin the base themselves. A pin left by a failure here is only a
+        // mount too many, which `ontop check --repair` removes.
+        if let Some(id) = unpin {
+            if let Err(e) = self.layout.unpin_base(id) {
+                tracing::warn!(id, error = %e, "could not unpin the base of a committed snapshot");
+            }
+        }
+        Ok(())
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {
@@ -444,15 +454,24 @@ impl Snapshotter {
             Ok((snap, new_base))
         })?;
         if let Some(new_base) = new_base {
-            // After the commit: Mounts re-creates a link that a crash here
-            // left behind, from the database.
-            if let Err(e) = self.layout.set_base_link(snap.id, new_base.as_deref()) {
-                tracing::warn!(id = snap.id, error = %e, "could not relink base; the next Mounts will");
-            }
-            if let (Some(b), "") = (&new_base, snap.parent.as_str()) {
-                if let Err(e) = base::copy_root_attributes(b, &self.layout.fs(snap.id)) {
-                    tracing::warn!(id = snap.id, error = %e, "could not copy the base's root mode and owner");
-                }
+            // After the commit, so a failure only warns: Mounts pins again
+            // from the database, and refuses a base it cannot pin.
+            let repinned = match &new_base {
+                Some(b) => self
+                    .bases
+                    .open(b)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|dir| {
+                        self.layout.pin_base(snap.id, dir.as_fd())?;
+                        if snap.parent.is_empty() {
+                            base::copy_root_attributes(dir.as_fd(), &self.layout.fs(snap.id))?;
+                        }
+                        Ok(())
+                    }),
+                None => self.layout.unpin_base(snap.id).map_err(anyhow::Error::from),
+            };
+            if let Err(e) = repinned {
+                tracing::warn!(id = snap.id, error = %format!("{e:#}"), "could not pin the new base; the next Mounts will try again");
             }
         }
         Ok(snap)
@@ -601,7 +620,7 @@ impl Snapshotter {
             upper: self.layout.fs(id),
             work: self.layout.work(id),
             parents: ancestors.iter().map(|&p| self.layout.fs(p)).collect(),
-            base: has_base.then(|| self.layout.base_link(id)),
+            base: has_base.then(|| self.layout.base_dir(id)),
             volatile,
             idmap,
             empty: self.layout.empty_dir(),
@@ -612,6 +631,18 @@ impl Snapshotter {
         let fs = self.layout.fs(id);
         Ok(crate::usage::disk_usage(&fs)
             .with_context(|| format!("measuring disk usage of {}", fs.display()))?)
+    }
+
+    /// Pins `base` for a mount of `rec`, reached as its path shows it now.
+    fn pin_base(&self, rec: &Record, base: &Path) -> Result<()> {
+        let dir = self.bases.open(base)?;
+        match self.layout.pin_base(rec.id, dir.as_fd()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::not_found(format!(
+                "snapshot {:?} does not exist",
+                rec.key
+            ))),
+            other => Ok(other.context("pinning the base directory")?),
+        }
     }
 
     /// Deletes a snapshot directory the database no longer refers to.

@@ -9,7 +9,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use common::{code, labels, mount_all, tree_state, unmount, Backend, Client, Daemon};
+use common::{code, labels, mount_all, mounts_under, tree_state, unmount, Backend, Client, Daemon};
 use ontop::base::{BASE_LABEL, VOLATILE_LABEL};
 use ontop::containerd_api::snapshots::v1 as api;
 use tonic::Code;
@@ -110,9 +110,12 @@ async fn writes_go_to_the_upper_and_the_host_tree_stays_identical() {
     assert!(!target.join("dir/b.txt").exists());
     unmount(&target);
 
-    // Removing the snapshot discards the changes and never touches the host.
+    // Removing the snapshot discards the changes, never touches the host,
+    // and takes the base's pin with it.
+    assert_eq!(mounts_under(&d.root).len(), 1, "the base is pinned");
     c.remove("k").await.unwrap();
     assert!(d.snapshot_dirs().is_empty());
+    assert_eq!(mounts_under(&d.root), Vec::<PathBuf>::new());
     assert_eq!(tree_state(&host), before);
 }
 
@@ -172,6 +175,10 @@ async fn the_base_survives_commit_into_children_and_views() {
     c.commit_with("l1", "l1-a", labels(&[("x", "1")]))
         .await
         .unwrap();
+    assert!(
+        !d.root.join("snapshots/1/base").exists(),
+        "a committed snapshot has no mounts, so no pin"
+    );
     let st = c.stat("l1").await.unwrap();
     assert_eq!(st.labels.get("x").map(String::as_str), Some("1"));
     assert_eq!(st.labels.get(BASE_LABEL).map(String::as_str), host.to_str());
@@ -560,8 +567,71 @@ async fn a_chain_of_128_layers_mounts_on_a_base() {
     assert_eq!(tree_state(&host), before);
 }
 
+/// The swap a pin defends against: between ontop's check and containerd's
+/// mount, someone who can write inside an allowed root replaces the base,
+/// or a directory on its path, with a symlink that leads out of it.
+async fn a_base_path_swapped_for_a_symlink_after_the_check_is_never_followed() {
+    let d = Daemon::start_with_bases("").await;
+    let outside = d.dir.path().join("outside");
+    fs::create_dir_all(outside.join("tree")).unwrap();
+    fs::write(outside.join("a.txt"), "outside\n").unwrap();
+    fs::write(outside.join("tree/a.txt"), "outside\n").unwrap();
+    let outside_before = tree_state(&outside);
+    fs::create_dir_all(d.hosts().join("sub")).unwrap();
+    let nested = host_tree(&d, "sub/tree");
+    let direct = host_tree(&d, "tree");
+    // (the path swapped, where it leads, the base)
+    let swaps = [
+        (direct.clone(), outside.clone(), direct.clone()),
+        (d.hosts().join("sub"), outside.clone(), nested.clone()),
+    ];
+    let mut c = d.client().await;
+    for (i, (swapped, aim, host)) in swaps.into_iter().enumerate() {
+        let key = format!("k{i}");
+        let inside = tree_state(&host.join("dir"));
+        let mounts = c.prepare_with(&key, "", base(&host)).await.unwrap();
+
+        let moved = d.hosts().join(format!("moved{i}"));
+        fs::rename(&swapped, &moved).unwrap();
+        std::os::unix::fs::symlink(&aim, &swapped).unwrap();
+
+        let target = d.mountpoint(&key);
+        mount_all(&mounts, &target);
+        assert_eq!(
+            read(&target.join("a.txt")),
+            "host a\n",
+            "{key}: containerd mounts the directory ontop checked"
+        );
+        unmount(&target);
+        let err = c.mounts(&key).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{key}");
+        assert!(
+            err.message().contains(&format!(
+                "{} on its path is now a symlink",
+                swapped.display()
+            )),
+            "{key}: {}",
+            err.message()
+        );
+
+        // A real directory back at the path is a base again: Mounts pins it.
+        fs::remove_file(&swapped).unwrap();
+        fs::rename(&moved, &swapped).unwrap();
+        let target = d.mountpoint(&format!("{key}-again"));
+        mount_all(&c.mounts(&key).await.unwrap(), &target);
+        assert_eq!(read(&target.join("dir/b.txt")), "host b\n", "{key}");
+        unmount(&target);
+        c.remove(&key).await.unwrap();
+        assert_eq!(tree_state(&host.join("dir")), inside, "{key}");
+    }
+    assert_eq!(tree_state(&outside), outside_before);
+    assert_eq!(mounts_under(&d.root), Vec::<PathBuf>::new());
+    d.assert_consistent();
+}
+
 on_every_backend!(
     writes_go_to_the_upper_and_the_host_tree_stays_identical,
+    a_base_path_swapped_for_a_symlink_after_the_check_is_never_followed,
     a_base_set_by_update_takes_effect_at_the_next_mounts,
     the_base_survives_commit_into_children_and_views,
     a_view_of_a_bare_base_is_a_read_only_bind_that_hides_host_submounts,

@@ -55,13 +55,15 @@ async fn damage_is_found_the_safe_part_repaired_and_the_rest_named() {
     );
 
     // The damage: an orphan directory, a lost work dir, a lost tree, a
-    // deleted base link, a stray base link, and a host base gone.
+    // base replaced by a new directory under its pin, a stray base dir,
+    // and a host base gone.
     let snaps = d.root.join("snapshots");
     fs::create_dir_all(snaps.join("999/fs")).unwrap();
     fs::remove_dir(snaps.join("1/work")).unwrap();
     fs::remove_dir_all(snaps.join("3/fs")).unwrap();
-    fs::remove_file(snaps.join("4/base")).unwrap();
-    std::os::unix::fs::symlink(&host, snaps.join("1/base")).unwrap();
+    fs::rename(&host, d.hosts().join("tree-old")).unwrap();
+    fs::create_dir(&host).unwrap();
+    fs::create_dir(snaps.join("1/base")).unwrap();
     fs::remove_dir(&gone).unwrap();
 
     let (out, text) = check(&["--address", &sock]);
@@ -82,7 +84,7 @@ async fn damage_is_found_the_safe_part_repaired_and_the_rest_named() {
     assert!(
         person
             .iter()
-            .any(|l| l.contains("\"on-gone\"") && l.contains("no longer a directory")),
+            .any(|l| l.contains("\"on-gone\"") && l.contains("is gone")),
         "{text}"
     );
 
@@ -95,8 +97,9 @@ async fn damage_is_found_the_safe_part_repaired_and_the_rest_named() {
     assert!(!snaps.join("999").exists());
     assert!(snaps.join("1/work").is_dir());
     assert_eq!(
-        fs::read_link(snaps.join("4/base")).unwrap(),
-        host.canonicalize().unwrap()
+        ontop::pin::identity_at(&snaps.join("4/base")).unwrap(),
+        ontop::pin::identity_at(&host).unwrap(),
+        "the pin holds the directory now at the base's path"
     );
     assert!(!snaps.join("1/base").exists());
     // The repaired snapshots work again.

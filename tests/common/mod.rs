@@ -446,17 +446,22 @@ pub fn tree_state(root: &Path) -> std::collections::BTreeMap<PathBuf, String> {
     out
 }
 
+/// The mount points below `dir`, in this mount namespace.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|t| t.starts_with(dir))
+        .collect()
+}
+
 /// Lazily unmounts every mount below `dir`, deepest first.
 pub fn unmount_under(dir: &Path) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut targets: Vec<&str> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|t| Path::new(t).starts_with(dir))
-        .collect();
-    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    let mut targets = mounts_under(dir);
+    targets.sort_by_key(|t| std::cmp::Reverse(t.as_os_str().len()));
     for t in targets {
-        let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&t, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
