@@ -160,9 +160,15 @@ pub fn volatile(labels: &Labels) -> Result<bool> {
 /// takes its attributes from the upper dir, and a container on a base
 /// should see the base's root mode and owner. `base` is the opened base,
 /// not its path, which may lead elsewhere by now.
+///
+/// In a user namespace, an owner from outside it has no number inside and
+/// cannot be given to the upper; then the upper keeps its owner.
 pub fn copy_root_attributes(base: BorrowedFd<'_>, upper: &Path) -> io::Result<()> {
     let st = nix::sys::stat::fstat(base.as_raw_fd())?;
-    std::os::unix::fs::chown(upper, Some(st.st_uid), Some(st.st_gid))?;
+    match std::os::unix::fs::chown(upper, Some(st.st_uid), Some(st.st_gid)) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        other => other?,
+    }
     std::fs::set_permissions(upper, std::fs::Permissions::from_mode(st.st_mode & 0o7777))
 }
 

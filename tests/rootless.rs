@@ -79,6 +79,10 @@ fn mount_in_namespace(d: &Daemon, m: &Mount, target: &Path) {
     in_namespace(d, &script);
 }
 
+/// Held by each test for its whole run: the tests change /dev/fuse's mode,
+/// and one must not put it back while another's mounts still open it.
+static DEV_FUSE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Gives everyone read-write access to /dev/fuse while it lives, as a
 /// rootless set-up does for its user, and puts the old mode back.
 struct DevFuseOpen(u32);
@@ -101,6 +105,7 @@ impl Drop for DevFuseOpen {
 }
 
 async fn an_unprivileged_user_prepares_commits_mounts_and_removes() {
+    let _dev_fuse = DEV_FUSE.lock().await;
     let (uid, gid) = test_user();
     let _fuse = (common::backend() == Backend::FuseOverlayfs).then(|| {
         // As this machine ships it (0600), the user cannot open
@@ -179,4 +184,67 @@ async fn an_unprivileged_user_prepares_commits_mounts_and_removes() {
     assert!(d.snapshot_dirs().is_empty(), "{:?}", d.snapshot_dirs());
 }
 
-on_every_backend!(an_unprivileged_user_prepares_commits_mounts_and_removes);
+/// A host base, pinned by a daemon that holds no privilege outside its
+/// namespace: the read-only bind must keep the flags the namespace locks.
+async fn an_unprivileged_user_works_on_top_of_its_own_host_directory() {
+    let _dev_fuse = DEV_FUSE.lock().await;
+    let (uid, gid) = test_user();
+    let _fuse = (common::backend() == Backend::FuseOverlayfs).then(DevFuseOpen::new);
+    let mut d = Daemon::rootless(uid, gid);
+    let hosts = d.dir.path().join("hosts");
+    let tree = hosts.join("tree");
+    std::fs::create_dir_all(tree.join("dir")).unwrap();
+    std::fs::write(tree.join("dir/host.txt"), "host\n").unwrap();
+    for p in [&hosts, &tree, &tree.join("dir"), &tree.join("dir/host.txt")] {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+    }
+    let config = d.dir.path().join("home/.config/ontop");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(
+        config.join("config.toml"),
+        format!("base_roots = [{:?}]\n", hosts.display().to_string()),
+    )
+    .unwrap();
+    let before = common::tree_state(&tree);
+
+    // Root's directory: its owner has no number inside the namespace.
+    let roots = hosts.join("roots");
+    std::fs::create_dir(&roots).unwrap();
+    std::fs::write(roots.join("r.txt"), "root's\n").unwrap();
+    d.spawn().await;
+
+    let mut c = d.client().await;
+    let target = d.dir.path().join("mnt/on-base");
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::chown(&target, Some(uid), Some(gid)).unwrap();
+    let base = common::labels(&[(ontop::base::BASE_LABEL, tree.to_str().unwrap())]);
+    let mounts = c.prepare_with("on-base", "", base).await.unwrap();
+    mount_in_namespace(&d, &mounts[0], &target);
+    let seen = in_namespace(
+        &d,
+        &format!(
+            "(cd {} && cat dir/host.txt && echo mine > dir/host.txt && echo new > new) && umount {0}",
+            target.display()
+        ),
+    );
+    assert_eq!(seen, "host\n");
+
+    let base = common::labels(&[(ontop::base::BASE_LABEL, roots.to_str().unwrap())]);
+    let mounts = c.prepare_with("on-roots", "", base).await.unwrap();
+    mount_in_namespace(&d, &mounts[0], &target);
+    let seen = in_namespace(&d, &format!("cat {}/r.txt && umount {0}", target.display()));
+    assert_eq!(seen, "root's\n");
+    c.remove("on-roots").await.unwrap();
+    c.remove("on-base").await.unwrap();
+    assert!(d.snapshot_dirs().is_empty(), "{:?}", d.snapshot_dirs());
+    assert_eq!(
+        common::tree_state(&tree),
+        before,
+        "the host tree is untouched"
+    );
+}
+
+on_every_backend!(
+    an_unprivileged_user_prepares_commits_mounts_and_removes,
+    an_unprivileged_user_works_on_top_of_its_own_host_directory,
+);
