@@ -210,6 +210,17 @@ pub fn is_mount_point(path: &Path) -> io::Result<bool> {
     Ok(mount_of(None, path)? != mount_of(None, parent)?)
 }
 
+/// Whether this process shares the mount namespace of PID 1, where a
+/// system containerd runs, or, where PID 1's cannot be read (in some
+/// sandboxes), of the process that started it. None when neither shows.
+pub fn shares_mount_namespace() -> Option<bool> {
+    let own = fs::read_link("/proc/self/ns/mnt").ok()?;
+    let reference = fs::read_link("/proc/1/ns/mnt")
+        .or_else(|_| fs::read_link(format!("/proc/{}/ns/mnt", nix::unistd::getppid().as_raw())))
+        .ok()?;
+    Some(own == reference)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Err(e) => tracing::error!(error = %format!("{e:#}"), "database integrity check failed"),
     });
 
+    if !config.base_roots.is_empty()
+        && !crate::backend::in_user_namespace()
+        && crate::pin::shares_mount_namespace() == Some(false)
+    {
+        tracing::warn!(
+            "ontop runs in a mount namespace of its own: the bind mounts that pin host bases \
+             are invisible to a containerd outside it, which would see bases empty; run ontop \
+             without PrivateMounts=, PrivateTmp= or ProtectSystem="
+        );
+    }
     let (listener, socket_ino) = bind_socket(&config.address)?;
     if config.socket_owner.is_some() || config.socket_group.is_some() {
         std::os::unix::fs::chown(&config.address, config.socket_owner, config.socket_group)

@@ -387,3 +387,46 @@ async fn the_socket_group_is_configurable_and_the_database_is_private() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("world-writable"), "{}", stderr(&out));
 }
+
+/// Base pins are mounts that containerd must see, so a daemon in a mount
+/// namespace of its own (as a unit with PrivateMounts= gets) says so, and
+/// one in the host's namespace does not.
+#[tokio::test]
+async fn a_daemon_whose_pins_containerd_cannot_see_warns() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    fs::write(&config, format!("base_roots = [{:?}]\n", dir.path())).unwrap();
+    for (launcher, warns) in [(&["unshare", "--mount"][..], true), (&[][..], false)] {
+        let socket = dir.path().join(format!("{warns}.sock"));
+        let mut argv: Vec<&str> = launcher.to_vec();
+        argv.push(BIN);
+        let mut child = Command::new(argv[0])
+            .args(&argv[1..])
+            .args(["serve", "--config"])
+            .arg(&config)
+            .arg("--root")
+            .arg(dir.path().join(format!("root-{warns}")))
+            .arg("--address")
+            .arg(&socket)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while ontop::client::connect(&socket).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no answer in 10s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            log.contains("mount namespace of its own"),
+            warns,
+            "{launcher:?}:\n{log}"
+        );
+    }
+}
