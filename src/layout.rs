@@ -119,6 +119,21 @@ impl Layout {
         pin::pin(base, &target)
     }
 
+    /// The snapshots whose base dir has something mounted on it.
+    pub fn pinned(&self) -> io::Result<Vec<Id>> {
+        let snapshots = self.snapshots_dir();
+        Ok(pin::mount_points_under(&snapshots)?
+            .iter()
+            .filter_map(|p| {
+                let rel = p.strip_prefix(&snapshots).ok()?;
+                match rel.iter().collect::<Vec<_>>()[..] {
+                    [id, base] if base == "base" => id.to_str()?.parse().ok(),
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
     /// Unpins the snapshot's base and removes its base dir, if any.
     pub fn unpin_base(&self, id: Id) -> io::Result<()> {
         let _pins = PINS.lock().unwrap_or_else(|e| e.into_inner());

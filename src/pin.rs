@@ -19,7 +19,7 @@ use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -210,6 +210,42 @@ pub fn is_mount_point(path: &Path) -> io::Result<bool> {
     Ok(mount_of(None, path)? != mount_of(None, parent)?)
 }
 
+/// The mount points at or below `dir` in this mount namespace.
+pub fn mount_points_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let info = fs::read("/proc/self/mountinfo")?;
+    Ok(info
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
+        .map(|field| PathBuf::from(std::ffi::OsString::from_vec(unescape(field))))
+        .filter(|p| p.starts_with(dir))
+        .collect())
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal = field
+            .get(i + 1..i + 4)
+            .filter(|o| field[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(o) => {
+                out.push(
+                    o.iter()
+                        .fold(0u8, |acc, c| acc.wrapping_mul(8) + (c - b'0')),
+                );
+                i += 4;
+            }
+            None => {
+                out.push(field[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// Whether this process shares the mount namespace of PID 1, where a
 /// system containerd runs, or, where PID 1's cannot be read (in some
 /// sandboxes), of the process that started it. None when neither shows.
@@ -233,6 +269,12 @@ mod tests {
         let target = d.path().join("pin");
         fs::create_dir(&target).unwrap();
         (d, host, target)
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape(br"/a\040b\011c\134d"), b"/a b\tc\\d");
+        assert_eq!(unescape(br"/plain\0"), b"/plain\\0");
     }
 
     #[test]
@@ -268,13 +310,16 @@ mod tests {
         std::os::unix::fs::symlink(&decoy, &host).unwrap();
 
         pin(dir.as_fd(), &target).unwrap();
+        let listed = mount_points_under(d.path()).unwrap();
         let shown = fs::read_to_string(target.join("a.txt"));
         let write = fs::write(target.join("new"), "x");
         let was_mount = is_mount_point(&target).unwrap();
         unpin(&target).unwrap();
+        assert_eq!(listed, [target.clone()]);
         assert_eq!(shown.unwrap(), "original");
         assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::EROFS));
         assert!(was_mount);
+        assert!(mount_points_under(d.path()).unwrap().is_empty());
         assert!(!is_mount_point(&target).unwrap());
         assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
         unpin(&target).unwrap();

@@ -93,6 +93,7 @@ impl Snapshotter {
             backends::check_fuse(&layout.tmp_dir())?;
         }
         let store = Store::open(&layout.db_path())?;
+        unpin_committed(&layout, &store)?;
         Ok(Snapshotter {
             bases: BasePolicy {
                 allowed_roots: opts.base_roots,
@@ -655,6 +656,27 @@ impl Snapshotter {
             tracing::warn!(id, error = %e, "could not remove snapshot directory; Cleanup will retry");
         }
     }
+}
+
+/// Start-up repair: takes down the pins of snapshots with no mounts on a
+/// base, which a crash between a Commit and its unpin leaves. (A pin of a
+/// snapshot the database does not know goes with its directory, at
+/// Cleanup.)
+fn unpin_committed(layout: &Layout, store: &Store) -> anyhow::Result<()> {
+    for id in layout.pinned().context("listing base pins")? {
+        let stray = store.read(|tx| {
+            Ok(tx
+                .record_by_id(id)?
+                .is_some_and(|r| r.kind == Kind::Committed || r.base.is_none()))
+        })?;
+        if stray {
+            layout
+                .unpin_base(id)
+                .with_context(|| format!("unpinning the base of committed snapshot {id}"))?;
+            tracing::info!(id, "unpinned the base of a committed snapshot");
+        }
+    }
+    Ok(())
 }
 
 /// containerd's filter strings (ORed), or InvalidArgument saying where one

@@ -629,8 +629,54 @@ async fn a_base_path_swapped_for_a_symlink_after_the_check_is_never_followed() {
     d.assert_consistent();
 }
 
+/// What a SIGKILL can leave: the pin of a snapshot committed just before
+/// (Commit unpins after its transaction), and a pinned directory the
+/// database never knew (killed between install and commit).
+async fn pins_a_crash_leaves_are_taken_down_and_the_host_kept() {
+    let mut d = Daemon::start_with_bases("").await;
+    let host = host_tree(&d, "tree");
+    let before = tree_state(&host);
+    let mut c = d.client().await;
+    c.prepare_with("a", "", base(&host)).await.unwrap();
+    c.commit("layer", "a").await.unwrap();
+    c.prepare("child", "layer").await.unwrap();
+    d.kill();
+    let bind = |dir: &Path| {
+        fs::create_dir_all(dir).unwrap();
+        nix::mount::mount(
+            Some(&host),
+            dir,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+    };
+    bind(&d.root.join("snapshots/1/base"));
+    bind(&d.root.join("snapshots/99/base"));
+
+    d.spawn().await;
+    let mut c = d.client().await;
+    let left = mounts_under(&d.root);
+    assert!(
+        !left.contains(&d.root.join("snapshots/1/base")),
+        "start-up unpins the committed snapshot: {left:?}"
+    );
+    c.cleanup().await.unwrap();
+    // Only the child's own pin is left.
+    assert_eq!(mounts_under(&d.root), [d.root.join("snapshots/2/base")]);
+    assert!(!d.root.join("snapshots/99").exists());
+    d.assert_consistent();
+    for key in ["child", "layer"] {
+        c.remove(key).await.unwrap();
+    }
+    assert_eq!(mounts_under(&d.root), Vec::<PathBuf>::new());
+    assert_eq!(tree_state(&host), before);
+}
+
 on_every_backend!(
     writes_go_to_the_upper_and_the_host_tree_stays_identical,
+    pins_a_crash_leaves_are_taken_down_and_the_host_kept,
     a_base_path_swapped_for_a_symlink_after_the_check_is_never_followed,
     a_base_set_by_update_takes_effect_at_the_next_mounts,
     the_base_survives_commit_into_children_and_views,
