@@ -315,7 +315,7 @@ mod tests {
         let write = fs::write(target.join("new"), "x");
         let was_mount = is_mount_point(&target).unwrap();
         unpin(&target).unwrap();
-        assert_eq!(listed, [target.clone()]);
+        assert_eq!(listed, std::slice::from_ref(&target));
         assert_eq!(shown.unwrap(), "original");
         assert_eq!(write.unwrap_err().raw_os_error(), Some(libc::EROFS));
         assert!(was_mount);
