@@ -6,7 +6,8 @@
 //!   hold exactly the bytes written before their Commit;
 //! - nothing half-created is visible;
 //! - `ontop check` finds the database sound and in agreement with the disk,
-//!   once Cleanup has run.
+//!   once Cleanup has run, base pins included;
+//! - the host directory that a third of the chains sit on is never written.
 //!
 //! An operation cut off by the kill may or may not have happened; it is
 //! resolved by asking the restarted daemon, and then held to that answer.
@@ -22,6 +23,8 @@ use common::{labels, Client, Daemon};
 use ontop::containerd_api::types::Mount;
 use tonic::Code;
 
+const BASE_LABEL: &str = "containerd.io/snapshot/ontop.base";
+
 #[derive(Debug, Clone, PartialEq)]
 enum Kind {
     Active,
@@ -36,12 +39,16 @@ struct Snap {
     /// A file written into the upper, and its bytes.
     content: Option<(String, Vec<u8>)>,
     labels: HashMap<String, String>,
+    /// Sits on the host base, asked for or inherited.
+    on_base: bool,
 }
 
 #[derive(Default)]
 struct Model {
     snaps: BTreeMap<String, Snap>,
     next: u64,
+    /// The host base directory's label value.
+    base: String,
 }
 
 impl Model {
@@ -106,13 +113,21 @@ async fn drive(c: &mut Client, m: &mut Model, budget: &mut usize) -> Option<InDo
                 String::new()
             };
             let key = m.fresh("a");
+            let asks_base = parent.is_empty() && fastrand::u32(..3) == 0;
             let snap = Snap {
                 kind: Kind::Active,
                 parent: parent.clone(),
                 content: None,
                 labels: HashMap::new(),
+                on_base: asks_base || m.snaps.get(&parent).is_some_and(|p| p.on_base),
             };
-            match c.prepare(&key, &parent).await {
+            let created = if asks_base {
+                c.prepare_with(&key, "", labels(&[(BASE_LABEL, &m.base)]))
+                    .await
+            } else {
+                c.prepare(&key, &parent).await
+            };
+            match created {
                 Ok(mounts) => {
                     let bytes: Vec<u8> = (0..fastrand::usize(1..4096))
                         .map(|_| fastrand::u8(..))
@@ -140,6 +155,7 @@ async fn drive(c: &mut Client, m: &mut Model, budget: &mut usize) -> Option<InDo
                 parent: parent.clone(),
                 content: None,
                 labels: HashMap::new(),
+                on_base: m.snaps[&parent].on_base,
             };
             match c.view(&key, &parent).await {
                 Ok(_) => {
@@ -236,7 +252,11 @@ async fn verify(d: &Daemon, c: &mut Client, m: &Model) {
             k => panic!("{key}: kind {k}"),
         };
         assert_eq!((&kind, &info.parent), (&s.kind, &s.parent), "{key}");
-        assert_eq!(info.labels, s.labels, "{key}");
+        let mut expected = s.labels.clone();
+        if s.on_base {
+            expected.insert(BASE_LABEL.to_string(), m.base.clone());
+        }
+        assert_eq!(info.labels, expected, "{key}");
         if let (Kind::Committed, Some((file, bytes))) = (&s.kind, &s.content) {
             let path = admin
                 .info(ontop::admin::v1::InfoRequest { key: key.clone() })
@@ -251,6 +271,16 @@ async fn verify(d: &Daemon, c: &mut Client, m: &Model) {
     }
     c.cleanup().await.unwrap();
     d.assert_consistent();
+    let pins = common::mounts_under(&d.root).len();
+    let expected = m
+        .snaps
+        .values()
+        .filter(|s| s.on_base && s.kind != Kind::Committed)
+        .count();
+    assert_eq!(
+        pins, expected,
+        "one pin per active snapshot or view on the base"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,8 +289,15 @@ async fn acknowledged_work_survives_sigkill_at_random_moments() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let mut d = Daemon::start().await;
-    let mut m = Model::default();
+    let mut d = Daemon::start_with_bases("").await;
+    let host = d.hosts().join("base");
+    std::fs::create_dir_all(host.join("dir")).unwrap();
+    std::fs::write(host.join("dir/host.txt"), "host").unwrap();
+    let host_before = common::tree_state(&host);
+    let mut m = Model {
+        base: host.display().to_string(),
+        ..Model::default()
+    };
     let mut budget = 5000 * soak;
     let mut kills = 0;
     while budget > 0 {
@@ -282,6 +319,11 @@ async fn acknowledged_work_survives_sigkill_at_random_moments() {
         }
         verify(&d, &mut c, &m).await;
     }
-    eprintln!("{kills} kills, {} snapshots at the end", m.snaps.len());
+    eprintln!(
+        "{kills} kills, {} snapshots at the end, {} of them on the base",
+        m.snaps.len(),
+        m.snaps.values().filter(|s| s.on_base).count()
+    );
+    assert_eq!(common::tree_state(&host), host_before);
     assert!(kills >= 10 * soak, "only {kills} kills");
 }
