@@ -674,8 +674,46 @@ async fn pins_a_crash_leaves_are_taken_down_and_the_host_kept() {
     assert_eq!(tree_state(&host), before);
 }
 
+/// Mounts pins, Remove unpins: raced on the same snapshots, they leave no
+/// pin stacked, none behind, and every Mounts either works or finds the
+/// snapshot gone.
+async fn mounts_racing_remove_leave_no_pin_behind() {
+    let d = Daemon::start_with_bases("").await;
+    let host = host_tree(&d, "tree");
+    let before = tree_state(&host);
+    let mut c = d.client().await;
+    let keys: Vec<String> = (0..16).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        c.prepare_with(key, "", base(&host)).await.unwrap();
+    }
+    let mut racers = tokio::task::JoinSet::new();
+    for key in &keys {
+        for n in 0..8 {
+            let (mut c, key) = (d.client().await, key.clone());
+            racers.spawn(async move {
+                if n == 4 {
+                    c.remove(&key).await.map(drop)
+                } else {
+                    match c.mounts(&key).await {
+                        Err(e) if e.code() == Code::NotFound => Ok(()),
+                        other => other.map(drop),
+                    }
+                }
+            });
+        }
+    }
+    while let Some(r) = racers.join_next().await {
+        r.unwrap().unwrap();
+    }
+    assert_eq!(mounts_under(&d.root), Vec::<PathBuf>::new());
+    c.cleanup().await.unwrap();
+    assert!(d.snapshot_dirs().is_empty(), "{:?}", d.snapshot_dirs());
+    assert_eq!(tree_state(&host), before);
+}
+
 on_every_backend!(
     writes_go_to_the_upper_and_the_host_tree_stays_identical,
+    mounts_racing_remove_leave_no_pin_behind,
     pins_a_crash_leaves_are_taken_down_and_the_host_kept,
     a_base_path_swapped_for_a_symlink_after_the_check_is_never_followed,
     a_base_set_by_update_takes_effect_at_the_next_mounts,
