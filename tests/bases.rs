@@ -711,8 +711,37 @@ async fn mounts_racing_remove_leave_no_pin_behind() {
     assert_eq!(tree_state(&host), before);
 }
 
+/// The allowlist is the operator's current word: a root taken out of the
+/// config no longer lends bases, even to snapshots created while it was in.
+async fn a_base_whose_root_left_the_config_is_refused_at_mounts() {
+    let mut d = Daemon::start_with_bases("").await;
+    let host = host_tree(&d, "tree");
+    let mut c = d.client().await;
+    c.prepare_with("k", "", base(&host)).await.unwrap();
+    let elsewhere = d.dir.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::write(
+        d.dir.path().join("config.toml"),
+        format!("base_roots = [{:?}]\n", elsewhere.display().to_string()),
+    )
+    .unwrap();
+    d.restart().await;
+    let mut c = d.client().await;
+    let err = c.mounts("k").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("no longer inside the allowed base_roots"),
+        "{}",
+        err.message()
+    );
+    c.remove("k").await.unwrap();
+    assert_eq!(mounts_under(&d.root), Vec::<PathBuf>::new());
+}
+
 on_every_backend!(
     writes_go_to_the_upper_and_the_host_tree_stays_identical,
+    a_base_whose_root_left_the_config_is_refused_at_mounts,
     mounts_racing_remove_leave_no_pin_behind,
     pins_a_crash_leaves_are_taken_down_and_the_host_kept,
     a_base_path_swapped_for_a_symlink_after_the_check_is_never_followed,
