@@ -93,7 +93,7 @@ impl Snapshotter {
             backends::check_fuse(&layout.tmp_dir())?;
         }
         let store = Store::open(&layout.db_path())?;
-        unpin_committed(&layout, &store)?;
+        unpin_strays(&layout, &store)?;
         Ok(Snapshotter {
             bases: BasePolicy {
                 allowed_roots: opts.base_roots,
@@ -340,8 +340,8 @@ impl Snapshotter {
             Ok(unpin)
         })?;
         // A committed snapshot has no mounts, so its pin goes: children
-        // pin the base themselves. A pin left by a failure here is only a
-        // mount too many, which `ontop check --repair` removes.
+        // pin the base themselves. A pin left by a failure or a crash here
+        // is only a mount too many, which start-up takes down.
         if let Some(id) = unpin {
             if let Err(e) = self.layout.unpin_base(id) {
                 tracing::warn!(id, error = %e, "could not unpin the base of a committed snapshot");
@@ -659,10 +659,10 @@ impl Snapshotter {
 }
 
 /// Start-up repair: takes down the pins of snapshots with no mounts on a
-/// base, which a crash between a Commit and its unpin leaves. (A pin of a
-/// snapshot the database does not know goes with its directory, at
-/// Cleanup.)
-fn unpin_committed(layout: &Layout, store: &Store) -> anyhow::Result<()> {
+/// base, which a crash leaves between the transaction of a Commit (or of an
+/// Update that drops the base) and the unpin after it. A pin of a snapshot
+/// the database does not know goes with its directory, at Cleanup.
+fn unpin_strays(layout: &Layout, store: &Store) -> anyhow::Result<()> {
     for id in layout.pinned().context("listing base pins")? {
         let stray = store.read(|tx| {
             Ok(tx
@@ -672,8 +672,8 @@ fn unpin_committed(layout: &Layout, store: &Store) -> anyhow::Result<()> {
         if stray {
             layout
                 .unpin_base(id)
-                .with_context(|| format!("unpinning the base of committed snapshot {id}"))?;
-            tracing::info!(id, "unpinned the base of a committed snapshot");
+                .with_context(|| format!("unpinning snapshot {id}, which mounts no base"))?;
+            tracing::info!(id, "unpinned a base left by a crash");
         }
     }
     Ok(())
