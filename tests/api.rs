@@ -216,7 +216,8 @@ async fn every_error_in_the_contract_table_has_its_code() {
     }
 
     let missing_info = c2
-        .inner
+        .api
+        .rpc
         .update(api::UpdateSnapshotRequest {
             snapshotter: "ontop".into(),
             info: None,
@@ -414,7 +415,8 @@ async fn list_filters_match_the_testsuite_walk() {
     c.prepare_with("a-np-wl", "", labels(&[root]))
         .await
         .unwrap();
-    c.inner
+    c.api
+        .rpc
         .view(api::ViewSnapshotRequest {
             snapshotter: "ontop".into(),
             key: "v-wl".into(),

@@ -246,7 +246,8 @@ async fn a_view_of_a_bare_base_is_a_read_only_bind_that_hides_host_submounts() {
     )
     .unwrap();
     let mut c = d.client().await;
-    c.inner
+    c.api
+        .rpc
         .view(api::ViewSnapshotRequest {
             snapshotter: "ontop".into(),
             key: "v".into(),

@@ -8,12 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use tonic::metadata::AsciiMetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
-use crate::containerd_api::snapshots::v1::{self as api, snapshots_client::SnapshotsClient};
+use crate::client::{Namespace, Snapshots};
 use crate::containerd_api::types::Mount;
 
 /// How one target was asked for on the command line.
@@ -57,22 +54,6 @@ fn split_name(arg: &str) -> (Option<&str>, &str) {
         _ => (None, arg),
     }
 }
-
-/// Adds containerd's namespace header when going through containerd.
-#[derive(Clone)]
-pub struct Namespace(Option<AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for Namespace {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(ns) = &self.0 {
-            req.metadata_mut()
-                .insert("containerd-namespace", ns.clone());
-        }
-        Ok(req)
-    }
-}
-
-pub type Rpc = SnapshotsClient<InterceptedService<Channel, Namespace>>;
 
 /// A daemon the benchmark started, so it can time start-up and read its
 /// peak memory.
@@ -140,8 +121,8 @@ impl Drop for Served {
 
 pub struct Target {
     pub name: String,
-    pub rpc: Rpc,
-    /// The `snapshotter` field of requests; containerd routes on it.
+    pub api: Snapshots,
+    /// The snapshotter behind containerd; empty for a proxy's own socket.
     snapshotter: String,
     pub served: Option<Served>,
     /// The socket the client dials.
@@ -161,42 +142,49 @@ impl Target {
         std::fs::create_dir_all(&scratch)
             .with_context(|| format!("creating {}", scratch.display()))?;
         let (name, socket, snapshotter, ns, served) = match spec {
-            Spec::Address { name, socket } => {
-                (name.clone(), socket.clone(), String::new(), None, None)
-            }
+            Spec::Address { name, socket } => (
+                name.clone(),
+                socket.clone(),
+                String::new(),
+                Namespace::default(),
+                None,
+            ),
             Spec::Serve { name, command } => {
                 let root = scratch.join("root");
                 let socket = scratch.join("bench.sock");
                 let served = Served::spawn(command, &root, &socket)?;
-                (name.clone(), socket, String::new(), None, Some(served))
+                (
+                    name.clone(),
+                    socket,
+                    String::new(),
+                    Namespace::default(),
+                    Some(served),
+                )
             }
             Spec::Containerd { snapshotter } => {
                 let socket = containerd
                     .context("--snapshotter needs --containerd SOCKET")?
                     .to_path_buf();
-                let ns = AsciiMetadataValue::try_from(namespace)
-                    .with_context(|| format!("namespace {namespace:?}"))?;
                 (
                     format!("{snapshotter} via containerd"),
                     socket,
                     snapshotter.clone(),
-                    Some(ns),
+                    Namespace::new(namespace)?,
                     None,
                 )
             }
         };
-        let namespace = Namespace(ns);
-        let rpc = connect(&socket, &namespace, Duration::from_secs(30))
+        let api = connect(&socket, &snapshotter, &ns, Duration::from_secs(30))
             .await
             .with_context(|| format!("target {name}: connecting to {}", socket.display()))?
             .0;
         Ok(Target {
             name,
-            rpc,
+            api,
             snapshotter,
             served,
             socket,
-            namespace,
+            namespace: ns,
             scratch,
         })
     }
@@ -209,9 +197,14 @@ impl Target {
         let fresh = Served::spawn(&served.command, &served.root, &served.socket)?;
         let started = Instant::now();
         *served = fresh;
-        let (rpc, answered) =
-            connect(&self.socket, &self.namespace, Duration::from_secs(120)).await?;
-        self.rpc = rpc;
+        let (api, answered) = connect(
+            &self.socket,
+            &self.snapshotter,
+            &self.namespace,
+            Duration::from_secs(120),
+        )
+        .await?;
+        self.api = api;
         Ok(answered - started)
     }
 
@@ -237,61 +230,25 @@ impl Target {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, Status> {
         let labels = self.keep(labels);
-        let r = self
-            .rpc
-            .prepare(api::PrepareSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-                parent: parent.into(),
-                labels,
-            })
-            .await?;
-        Ok(r.into_inner().mounts)
+        self.api.prepare(key, parent, labels).await
     }
 
     pub async fn commit(&mut self, name: &str, key: &str) -> Result<(), Status> {
-        self.rpc
-            .commit(api::CommitSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                name: name.into(),
-                key: key.into(),
-                labels: self.keep(HashMap::new()),
-            })
-            .await?;
-        Ok(())
+        let labels = self.keep(HashMap::new());
+        self.api.commit(name, key, labels).await
     }
 
     pub async fn mounts(&mut self, key: &str) -> Result<Vec<Mount>, Status> {
-        let r = self
-            .rpc
-            .mounts(api::MountsRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            })
-            .await?;
-        Ok(r.into_inner().mounts)
+        self.api.mounts(key).await
     }
 
     pub async fn stat(&mut self, key: &str) -> Result<(), Status> {
-        self.rpc
-            .stat(api::StatSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            })
-            .await?;
-        Ok(())
+        self.api.stat(key).await.map(drop)
     }
 
-    /// The number of snapshots matching `filters`.
+    /// The number of snapshots matching `filters`, counted as they stream.
     pub async fn list(&mut self, filters: &[&str]) -> Result<usize, Status> {
-        let mut stream = self
-            .rpc
-            .list(api::ListSnapshotsRequest {
-                snapshotter: self.snapshotter.clone(),
-                filters: filters.iter().map(|f| f.to_string()).collect(),
-            })
-            .await?
-            .into_inner();
+        let mut stream = self.api.list(filters).await?;
         let mut n = 0;
         while let Some(batch) = stream.message().await? {
             n += batch.info.len();
@@ -300,39 +257,19 @@ impl Target {
     }
 
     pub async fn usage(&mut self, key: &str) -> Result<(i64, i64), Status> {
-        let r = self
-            .rpc
-            .usage(api::UsageRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            })
-            .await?
-            .into_inner();
-        Ok((r.size, r.inodes))
+        self.api.usage(key).await
     }
 
     pub async fn remove(&mut self, key: &str) -> Result<(), Status> {
-        self.rpc
-            .remove(api::RemoveSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            })
-            .await?;
-        Ok(())
+        self.api.remove(key).await
     }
 
     pub async fn cleanup(&mut self) -> Result<(), Status> {
-        match self
-            .rpc
-            .cleanup(api::CleanupRequest {
-                snapshotter: self.snapshotter.clone(),
-            })
-            .await
-        {
+        match self.api.cleanup().await {
             // containerd's own service answers Cleanup only for
             // snapshotters that implement it.
             Err(s) if s.code() == Code::Unimplemented => Ok(()),
-            other => other.map(|_| ()),
+            other => other,
         }
     }
 
@@ -346,7 +283,7 @@ impl Target {
     pub fn clone_for_task(&self) -> Target {
         Target {
             name: self.name.clone(),
-            rpc: self.rpc.clone(),
+            api: self.api.clone(),
             snapshotter: self.snapshotter.clone(),
             served: None,
             socket: self.socket.clone(),
@@ -360,24 +297,18 @@ impl Target {
 /// exist: NotFound is an answer), and says when it did.
 async fn connect(
     socket: &Path,
+    snapshotter: &str,
     namespace: &Namespace,
     patience: Duration,
-) -> anyhow::Result<(Rpc, Instant)> {
+) -> anyhow::Result<(Snapshots, Instant)> {
     let deadline = Instant::now() + patience;
     loop {
         if let Ok(channel) = crate::client::connect(socket).await {
-            let mut rpc = SnapshotsClient::with_interceptor(channel, namespace.clone())
-                .max_decoding_message_size(64 << 20);
-            let probe = rpc
-                .stat(api::StatSnapshotRequest {
-                    snapshotter: String::new(),
-                    key: "ontop-bench-probe".into(),
-                })
-                .await;
-            match probe {
-                Ok(_) => return Ok((rpc, Instant::now())),
+            let mut api = Snapshots::new(channel, snapshotter, namespace.clone());
+            match api.stat("ontop-bench-probe").await {
+                Ok(_) => return Ok((api, Instant::now())),
                 Err(s) if s.code() != Code::Unavailable && s.code() != Code::Unknown => {
-                    return Ok((rpc, Instant::now()))
+                    return Ok((api, Instant::now()))
                 }
                 Err(_) => {}
             }

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use ontop::admin::v1::admin_client::AdminClient;
 pub use ontop::backend::Backend;
-use ontop::containerd_api::snapshots::v1::{self as api, snapshots_client::SnapshotsClient};
+use ontop::client::{Namespace, Snapshots};
+use ontop::containerd_api::snapshots::v1 as api;
 use ontop::containerd_api::types::Mount;
 use tonic::transport::Channel;
 
@@ -350,7 +351,7 @@ impl Daemon {
     pub async fn client(&self) -> Client {
         let channel = ontop::client::connect(&self.socket).await.unwrap();
         Client {
-            inner: SnapshotsClient::new(channel),
+            api: Snapshots::new(channel, "ontop", Namespace::default()),
         }
     }
 
@@ -465,10 +466,11 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
-/// A Snapshots client with the calls tests make, returning `tonic::Status`.
+/// The Snapshots API as tests call it: [`ontop::client::Snapshots`], with
+/// labels left out where a test has none, and answers shaped for asserts.
 #[derive(Clone)]
 pub struct Client {
-    pub inner: SnapshotsClient<Channel>,
+    pub api: Snapshots,
 }
 
 pub type Rpc<T> = Result<T, tonic::Status>;
@@ -482,7 +484,7 @@ pub fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 
 impl Client {
     pub async fn prepare(&mut self, key: &str, parent: &str) -> Rpc<Vec<Mount>> {
-        self.prepare_with(key, parent, HashMap::new()).await
+        self.api.prepare(key, parent, HashMap::new()).await
     }
 
     pub async fn prepare_with(
@@ -491,44 +493,19 @@ impl Client {
         parent: &str,
         labels: HashMap<String, String>,
     ) -> Rpc<Vec<Mount>> {
-        let r = self
-            .inner
-            .prepare(api::PrepareSnapshotRequest {
-                snapshotter: "ontop".into(),
-                key: key.into(),
-                parent: parent.into(),
-                labels,
-            })
-            .await?;
-        Ok(r.into_inner().mounts)
+        self.api.prepare(key, parent, labels).await
     }
 
     pub async fn view(&mut self, key: &str, parent: &str) -> Rpc<Vec<Mount>> {
-        let r = self
-            .inner
-            .view(api::ViewSnapshotRequest {
-                snapshotter: "ontop".into(),
-                key: key.into(),
-                parent: parent.into(),
-                labels: HashMap::new(),
-            })
-            .await?;
-        Ok(r.into_inner().mounts)
+        self.api.view(key, parent, HashMap::new()).await
     }
 
     pub async fn mounts(&mut self, key: &str) -> Rpc<Vec<Mount>> {
-        let r = self
-            .inner
-            .mounts(api::MountsRequest {
-                snapshotter: "ontop".into(),
-                key: key.into(),
-            })
-            .await?;
-        Ok(r.into_inner().mounts)
+        self.api.mounts(key).await
     }
 
     pub async fn commit(&mut self, name: &str, key: &str) -> Rpc<()> {
-        self.commit_with(name, key, HashMap::new()).await
+        self.api.commit(name, key, HashMap::new()).await
     }
 
     pub async fn commit_with(
@@ -537,63 +514,24 @@ impl Client {
         key: &str,
         labels: HashMap<String, String>,
     ) -> Rpc<()> {
-        self.inner
-            .commit(api::CommitSnapshotRequest {
-                snapshotter: "ontop".into(),
-                name: name.into(),
-                key: key.into(),
-                labels,
-            })
-            .await?;
-        Ok(())
+        self.api.commit(name, key, labels).await
     }
 
     pub async fn remove(&mut self, key: &str) -> Rpc<()> {
-        self.inner
-            .remove(api::RemoveSnapshotRequest {
-                snapshotter: "ontop".into(),
-                key: key.into(),
-            })
-            .await?;
-        Ok(())
+        self.api.remove(key).await
     }
 
     pub async fn stat(&mut self, key: &str) -> Rpc<api::Info> {
-        let r = self
-            .inner
-            .stat(api::StatSnapshotRequest {
-                snapshotter: "ontop".into(),
-                key: key.into(),
-            })
-            .await?;
-        Ok(r.into_inner().info.expect("stat returns info"))
+        self.api.stat(key).await
     }
 
     pub async fn update(&mut self, info: api::Info, paths: &[&str]) -> Rpc<api::Info> {
-        let update_mask = (!paths.is_empty()).then(|| prost_types::FieldMask {
-            paths: paths.iter().map(|p| p.to_string()).collect(),
-        });
-        let r = self
-            .inner
-            .update(api::UpdateSnapshotRequest {
-                snapshotter: "ontop".into(),
-                info: Some(info),
-                update_mask,
-            })
-            .await?;
-        Ok(r.into_inner().info.expect("update returns info"))
+        self.api.update(info, paths).await
     }
 
-    /// Names matching `filters`, sorted, plus the sizes of the streamed batches.
+    /// What matches `filters`, plus the sizes of the streamed batches.
     pub async fn list_batches(&mut self, filters: &[&str]) -> Rpc<(Vec<api::Info>, Vec<usize>)> {
-        let mut stream = self
-            .inner
-            .list(api::ListSnapshotsRequest {
-                snapshotter: "ontop".into(),
-                filters: filters.iter().map(|f| f.to_string()).collect(),
-            })
-            .await?
-            .into_inner();
+        let mut stream = self.api.list(filters).await?;
         let mut infos = Vec::new();
         let mut batches = Vec::new();
         while let Some(msg) = stream.message().await? {
@@ -603,6 +541,7 @@ impl Client {
         Ok((infos, batches))
     }
 
+    /// Names matching `filters`, sorted.
     pub async fn list(&mut self, filters: &[&str]) -> Rpc<Vec<String>> {
         let (infos, _) = self.list_batches(filters).await?;
         let mut names: Vec<String> = infos.into_iter().map(|i| i.name).collect();
@@ -611,24 +550,11 @@ impl Client {
     }
 
     pub async fn usage(&mut self, key: &str) -> Rpc<(i64, i64)> {
-        let r = self
-            .inner
-            .usage(api::UsageRequest {
-                snapshotter: "ontop".into(),
-                key: key.into(),
-            })
-            .await?
-            .into_inner();
-        Ok((r.size, r.inodes))
+        self.api.usage(key).await
     }
 
     pub async fn cleanup(&mut self) -> Rpc<()> {
-        self.inner
-            .cleanup(api::CleanupRequest {
-                snapshotter: "ontop".into(),
-            })
-            .await?;
-        Ok(())
+        self.api.cleanup().await
     }
 
     /// Prepares `key` on `parent`, writes `files` (path, content) into it
