@@ -23,7 +23,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -372,16 +372,14 @@ pub fn remove_all(path: &Path) -> io::Result<()> {
     if !md.is_dir() {
         return ignore_missing(fs::remove_file(path));
     }
-    let mount = pin::mount_of(None, path)?;
     let dir = open_subdir(None, path)?;
+    let mount = pin::mount_of(Some(dir.as_fd()), Path::new(""))?;
     remove_contents(&dir, path, mount)?;
     ignore_missing(fs::remove_dir(path))
 }
 
+/// Empties `dir`, which is on `mount`, without leaving that mount.
 fn remove_contents(dir: &OwnedFd, path: &Path, mount: u64) -> io::Result<()> {
-    if pin::mount_of(Some(dir.as_fd()), Path::new(""))? != mount {
-        return Err(crosses_mount(path));
-    }
     let mut listing = nix::dir::Dir::from_fd(nix::unistd::dup(dir.as_raw_fd())?)?;
     let mut entries = Vec::new();
     for entry in listing.iter() {
@@ -403,58 +401,70 @@ fn remove_contents(dir: &OwnedFd, path: &Path, mount: u64) -> io::Result<()> {
     drop(listing);
     for (name, is_dir) in entries {
         let name = Path::new(&name);
-        let child = path.join(name);
         if !is_dir {
-            ignore_missing(
-                nix::unistd::unlinkat(
-                    Some(dir.as_raw_fd()),
-                    name,
-                    nix::unistd::UnlinkatFlags::NoRemoveDir,
-                )
-                .map_err(io::Error::from),
-            )?;
+            unlink_at(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)?;
             continue;
         }
-        if pin::mount_of(Some(dir.as_fd()), name)? != mount {
-            // Detached through the parent we hold open, not by path.
-            let held = Path::new("/proc/self/fd")
-                .join(dir.as_raw_fd().to_string())
-                .join(name);
-            pin::unpin(&held)?;
-            if pin::mount_of(Some(dir.as_fd()), name)? != mount {
-                return Err(crosses_mount(&child));
-            }
-        }
-        let sub = match open_subdir(Some(dir.as_fd()), name) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            other => other?,
+        let child = path.join(name);
+        let Some(sub) = open_on_mount(dir, name, mount, &child)? else {
+            continue;
         };
         remove_contents(&sub, &child, mount)?;
         drop(sub);
-        ignore_missing(
-            nix::unistd::unlinkat(
-                Some(dir.as_raw_fd()),
-                name,
-                nix::unistd::UnlinkatFlags::RemoveDir,
-            )
-            .map_err(io::Error::from),
-        )?;
+        unlink_at(dir, name, nix::unistd::UnlinkatFlags::RemoveDir)?;
     }
     Ok(())
 }
 
+/// Opens the directory `name` in `dir` on `mount`, detaching what is
+/// mounted on it first if need be; None if it is gone. The detach goes
+/// through the parent we hold open, not by path.
+fn open_on_mount(
+    dir: &OwnedFd,
+    name: &Path,
+    mount: u64,
+    path: &Path,
+) -> io::Result<Option<OwnedFd>> {
+    // None: gone; else the directory, and whether it is on `mount`.
+    let open = || -> io::Result<Option<(OwnedFd, bool)>> {
+        let sub = match open_subdir(Some(dir.as_fd()), name) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            other => other?,
+        };
+        let on_mount = pin::mount_of(Some(sub.as_fd()), Path::new(""))? == mount;
+        Ok(Some((sub, on_mount)))
+    };
+    match open()? {
+        None => return Ok(None),
+        Some((sub, true)) => return Ok(Some(sub)),
+        Some(_) => {}
+    }
+    let held = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    pin::unpin(&held)?;
+    match open()? {
+        None => Ok(None),
+        Some((sub, true)) => Ok(Some(sub)),
+        Some(_) => Err(crosses_mount(path)),
+    }
+}
+
+fn unlink_at(dir: &OwnedFd, name: &Path, flag: nix::unistd::UnlinkatFlags) -> io::Result<()> {
+    ignore_missing(
+        nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, flag).map_err(io::Error::from),
+    )
+}
+
 fn open_subdir(dir: Option<BorrowedFd<'_>>, name: &Path) -> io::Result<OwnedFd> {
-    let fd = nix::fcntl::openat(
-        dir.map(|d| d.as_raw_fd()),
+    pin::open_at(
+        dir,
         name,
         nix::fcntl::OFlag::O_RDONLY
             | nix::fcntl::OFlag::O_DIRECTORY
             | nix::fcntl::OFlag::O_NOFOLLOW
             | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    // SAFETY: openat just returned this descriptor, and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    )
 }
 
 fn crosses_mount(path: &Path) -> io::Error {

@@ -83,7 +83,7 @@ pub fn open_dir(path: &Path) -> Result<OwnedFd, OpenError> {
     Ok(dir)
 }
 
-fn open_at(dir: Option<BorrowedFd<'_>>, name: &Path, flags: OFlag) -> io::Result<OwnedFd> {
+pub fn open_at(dir: Option<BorrowedFd<'_>>, name: &Path, flags: OFlag) -> io::Result<OwnedFd> {
     let fd = nix::fcntl::openat(dir.map(|d| d.as_raw_fd()), name, flags, Mode::empty())?;
     // SAFETY: openat just returned this descriptor, and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
