@@ -192,6 +192,19 @@ async fn an_unprivileged_user_works_on_top_of_its_own_host_directory() {
     let _fuse = (common::backend() == Backend::FuseOverlayfs).then(DevFuseOpen::new);
     let mut d = Daemon::rootless(uid, gid);
     let hosts = d.dir.path().join("hosts");
+    // On a mount with nosuid, nodev and noexec, which the user namespace
+    // locks: a read-only remount of the pin that dropped one is refused.
+    std::fs::create_dir(&hosts).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &hosts,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0755"),
+    )
+    .unwrap();
     let tree = hosts.join("tree");
     std::fs::create_dir_all(tree.join("dir")).unwrap();
     std::fs::write(tree.join("dir/host.txt"), "host\n").unwrap();
