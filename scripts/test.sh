@@ -8,8 +8,10 @@ install_build_deps
 # The containerd suite runs Debian's containerd and runc, and builds its
 # test image from busybox-static. Every mount suite also runs on
 # fuse-overlayfs; the rootless suite needs useradd, setpriv, unshare and
-# nsenter; the disk-full test makes an ext4 image (e2fsprogs).
-apt_install util-linux passwd e2fsprogs containerd runc busybox-static tar coreutils fuse-overlayfs fuse3
+# nsenter; the disk-full test makes an ext4 image (e2fsprogs); the
+# clients test installs Python's grpcio from PyPI into a venv.
+apt_install util-linux passwd e2fsprogs containerd runc busybox-static tar coreutils fuse-overlayfs fuse3 \
+  python3 python3-venv
 require_overlayfs
 require_fuse
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"

@@ -24,7 +24,12 @@ pub async fn connect(path: &Path) -> anyhow::Result<Channel> {
     // The URI is required by tonic but unused: the connector dials the socket.
     Endpoint::try_from("http://[::1]:1")?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            UnixStream::connect(path.clone())
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    UnixStream::connect(path).await?,
+                ))
+            }
         }))
         .await
         .with_context(|| format!("connecting to ontop at {shown}"))
@@ -127,12 +132,25 @@ impl Snapshots {
         key: &str,
         labels: HashMap<String, String>,
     ) -> Result<(), Status> {
+        self.commit_onto(name, key, "", labels).await
+    }
+
+    /// Commit with a parent (containerd 2.2+'s `rebase`): `key` was
+    /// prepared without one, and the committed snapshot sits on `parent`.
+    pub async fn commit_onto(
+        &mut self,
+        name: &str,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), Status> {
         self.rpc
             .commit(api::CommitSnapshotRequest {
                 snapshotter: self.snapshotter.clone(),
                 name: name.into(),
                 key: key.into(),
                 labels,
+                parent: parent.into(),
             })
             .await?;
         Ok(())

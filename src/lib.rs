@@ -37,5 +37,23 @@ pub mod admin {
     }
 }
 
-/// containerd's wire types, re-exported for clients and tests.
-pub use containerd_snapshots::api as containerd_api;
+/// containerd's Snapshots API, compiled from the protos of containerd
+/// v2.3.4 vendored in `proto/containerd/`.
+pub mod containerd_api {
+    /// The modules nest as the proto packages do, because prost refers
+    /// from one package to another by relative path.
+    pub mod containerd {
+        pub mod types {
+            tonic::include_proto!("containerd.types");
+        }
+        pub mod services {
+            pub mod snapshots {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.snapshots.v1");
+                }
+            }
+        }
+    }
+    pub use containerd::services::snapshots;
+    pub use containerd::types;
+}

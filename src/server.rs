@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::containerd_api::snapshots::v1::snapshots_server::SnapshotsServer;
 use anyhow::{bail, Context as _};
-use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;

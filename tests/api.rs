@@ -348,7 +348,7 @@ async fn update_follows_the_testsuite() {
     ];
     for (name, kind, parent) in cases {
         let mut st = c.stat(name).await.unwrap();
-        let created = st.created_at.clone();
+        let created = st.created_at;
         let root = ("containerd.io/gc.root", "2026-01-01T00:00:00Z");
         st.parent = "doesnotexist".into();
         st.labels = labels(&[("l1", "v1"), ("l2", "v2"), ("l3", "v3"), root]);

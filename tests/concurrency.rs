@@ -60,7 +60,7 @@ async fn client(mut c: Client, me: usize, barrier: Arc<Barrier>) -> Outcome {
         }
         barrier.wait().await;
         // Half race to build on it, half to remove it.
-        if me % 2 == 0 {
+        if me.is_multiple_of(2) {
             let child = format!("child-{r}-{me}");
             match c.prepare(&child, &done).await {
                 Ok(_) => out.children.push((r, child)),

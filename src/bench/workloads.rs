@@ -299,7 +299,7 @@ impl Ctr<'_> {
 
 /// "10k" for 10000, "500" for 500.
 fn count(n: usize) -> String {
-    if n >= 1000 && n % 1000 == 0 {
+    if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()
