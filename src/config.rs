@@ -40,6 +40,10 @@ pub struct Config {
     /// Directories host base directories may come from; empty turns the
     /// feature off.
     pub base_roots: Vec<PathBuf>,
+    /// Whether ontop maps user-namespace ids when containerd asks with the
+    /// mapping labels (containerd 2.x's `remap-ids` capability); false
+    /// leaves the mapping to containerd (see `Snapshotter::idmap`).
+    pub remap_ids: bool,
     /// Who owns the socket, when not ontop's own user and group.
     pub socket_owner: Option<u32>,
     pub socket_group: Option<u32>,
@@ -58,6 +62,7 @@ pub struct FileConfig {
     pub async_remove: Option<bool>,
     pub mount_options: Option<Vec<String>>,
     pub base_roots: Option<Vec<PathBuf>>,
+    pub remap_ids: Option<bool>,
     /// A user name or uid.
     pub socket_owner: Option<String>,
     /// A group name or gid.
@@ -185,6 +190,7 @@ impl Config {
             async_remove: file.async_remove.unwrap_or(false),
             mount_options: file.mount_options.unwrap_or_default(),
             base_roots: file.base_roots.unwrap_or_default(),
+            remap_ids: file.remap_ids.unwrap_or(true),
             socket_owner: file.socket_owner.as_deref().map(user_id).transpose()?,
             socket_group: file.socket_group.as_deref().map(group_id).transpose()?,
         };
@@ -290,6 +296,7 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(!c.async_remove);
         assert!(c.mount_options.is_empty());
+        assert!(c.remap_ids);
     }
 
     #[test]

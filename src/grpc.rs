@@ -15,6 +15,7 @@ use futures::stream::{BoxStream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::admin::v1 as admin;
+use crate::caller::Caller;
 use crate::error::Error;
 use crate::mounts::Mount;
 use crate::snapshot::{Kind, Snapshot, Timestamp};
@@ -76,6 +77,16 @@ fn to_api_info(s: Snapshot) -> api::Info {
     }
 }
 
+/// The process at the other end of the request's unix socket.
+fn caller<T>(req: &Request<T>) -> Caller {
+    let pid = req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .and_then(|cred| cred.pid());
+    Caller::from_pid(pid)
+}
+
 /// containerd's `Snapshots` service over the core.
 pub struct SnapshotsService {
     core: Arc<Snapshotter>,
@@ -93,8 +104,12 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<api::PrepareSnapshotRequest>,
     ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
+        let caller = caller(&req);
         let r = req.into_inner();
-        let mounts = blocking(&self.core, move |c| c.prepare(&r.key, &r.parent, r.labels)).await?;
+        let mounts = blocking(&self.core, move |c| {
+            c.prepare(&r.key, &r.parent, r.labels, caller)
+        })
+        .await?;
         Ok(Response::new(api::PrepareSnapshotResponse {
             mounts: to_api_mounts(mounts),
         }))
@@ -104,8 +119,12 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<api::ViewSnapshotRequest>,
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
+        let caller = caller(&req);
         let r = req.into_inner();
-        let mounts = blocking(&self.core, move |c| c.view(&r.key, &r.parent, r.labels)).await?;
+        let mounts = blocking(&self.core, move |c| {
+            c.view(&r.key, &r.parent, r.labels, caller)
+        })
+        .await?;
         Ok(Response::new(api::ViewSnapshotResponse {
             mounts: to_api_mounts(mounts),
         }))
@@ -115,6 +134,7 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<api::MountsRequest>,
     ) -> Result<Response<api::MountsResponse>, Status> {
+        let caller = caller(&req);
         let r = req.into_inner();
         // Containers start through Mounts: answer from the async worker
         // when a reader is free and no filesystem work is due, which saves
@@ -123,12 +143,12 @@ impl Snapshots for SnapshotsService {
             Some(plan) => {
                 let plan = plan?;
                 if plan.touches_filesystem() {
-                    blocking(&self.core, move |c| c.mounts_for(plan)).await?
+                    blocking(&self.core, move |c| c.mounts_for(plan, caller)).await?
                 } else {
-                    self.core.mounts_for(plan)?
+                    self.core.mounts_for(plan, caller)?
                 }
             }
-            None => blocking(&self.core, move |c| c.mounts(&r.key)).await?,
+            None => blocking(&self.core, move |c| c.mounts(&r.key, caller)).await?,
         };
         Ok(Response::new(api::MountsResponse {
             mounts: to_api_mounts(mounts),
@@ -140,7 +160,10 @@ impl Snapshots for SnapshotsService {
         req: Request<api::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
-        blocking(&self.core, move |c| c.commit(&r.name, &r.key, r.labels)).await?;
+        blocking(&self.core, move |c| {
+            c.commit(&r.name, &r.key, &r.parent, r.labels)
+        })
+        .await?;
         Ok(Response::new(()))
     }
 

@@ -7,6 +7,11 @@
 //! back to disk with the container's ids. Its option takes the same
 //! triples, but colon-separated throughout, since a comma ends a mount
 //! option.
+//!
+//! On the kernel backend, containerd 2.x does the mapping: its mount code
+//! takes `uidmap=`/`gidmap=` options in the label's own form, idmap-mounts
+//! the lower layers read-only, and leaves the upper as it is, so the
+//! upper's root belongs to the host ids of the container's root.
 
 use crate::error::{Error, Result};
 use crate::snapshot::Labels;
@@ -45,6 +50,40 @@ impl IdMapping {
 
     pub fn is_empty(&self) -> bool {
         self.uids.is_empty() && self.gids.is_empty()
+    }
+
+    /// containerd 2.x's `uidmap=`/`gidmap=` options, which its mount code
+    /// turns into idmapped mounts of the lower layers.
+    pub fn kernel_options(&self) -> Vec<String> {
+        let option = |name: &str, ranges: &[Range]| {
+            let triples: Vec<String> = ranges
+                .iter()
+                .map(|r| format!("{}:{}:{}", r.container, r.host, r.size))
+                .collect();
+            format!("{name}={}", triples.join(","))
+        };
+        vec![option("uidmap", &self.uids), option("gidmap", &self.gids)]
+    }
+
+    /// The host uid and gid of the container's root, which own a mapped
+    /// snapshot's upper root, as containerd's overlay snapshotter does it.
+    pub fn root(&self) -> Result<(u32, u32)> {
+        let root_of = |label: &str, ranges: &[Range]| {
+            ranges
+                .iter()
+                .find(|r| r.container == 0)
+                .map(|r| r.host)
+                .ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "label {label} maps no range from the container's root (id 0); \
+                         containerd requires one"
+                    ))
+                })
+        };
+        Ok((
+            root_of(UID_LABEL, &self.uids)?,
+            root_of(GID_LABEL, &self.gids)?,
+        ))
     }
 
     /// fuse-overlayfs's `uidmapping=`/`gidmapping=` options.
@@ -122,6 +161,30 @@ mod tests {
         let only_gid = IdMapping::from_labels(&labels(&[(GID_LABEL, "0:5:1")])).unwrap();
         assert_eq!(only_gid.fuse_options(), ["gidmapping=0:5:1"]);
         assert!(IdMapping::from_labels(&Labels::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_kernel_backend_hands_containerd_its_own_option_form_and_root() {
+        let m = IdMapping::from_labels(&labels(&[
+            (UID_LABEL, "0:100000:65536"),
+            (GID_LABEL, "0:1000:1,1:110000:65535"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            m.kernel_options(),
+            ["uidmap=0:100000:65536", "gidmap=0:1000:1,1:110000:65535"]
+        );
+        assert_eq!(m.root().unwrap(), (100000, 1000));
+        let rootless = IdMapping::from_labels(&labels(&[
+            (UID_LABEL, "1:100000:10"),
+            (GID_LABEL, "0:1000:1"),
+        ]))
+        .unwrap();
+        let err = rootless.root().unwrap_err();
+        assert!(
+            err.to_string().contains("uidmapping maps no range"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,9 +12,11 @@
 pub mod backend;
 pub mod base;
 pub mod bench;
+pub mod caller;
 pub mod check;
 pub mod client;
 pub mod config;
+pub mod containerd_config;
 pub mod error;
 pub mod filter;
 pub mod grpc;

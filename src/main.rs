@@ -34,6 +34,9 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print the containerd config that wires this ontop in, for a
+    /// containerd 1.x or 2.x.
+    ContainerdConfig(ContainerdConfigArgs),
     /// Benchmark snapshotters side by side through the Snapshots API.
     Bench(BenchArgs),
     /// Check the database against the disk: through a running daemon, or
@@ -159,6 +162,54 @@ impl BenchArgs {
 }
 
 #[derive(Args)]
+struct ContainerdConfigArgs {
+    /// The containerd to configure: 1, 2, a release such as 2.1, or auto
+    /// (ask `containerd --version` on PATH).
+    #[arg(long, default_value = "auto", value_name = "auto|1|2|X.Y")]
+    containerd_version: String,
+    /// Also make ontop CRI's (Kubernetes') default snapshotter.
+    #[arg(long)]
+    cri: bool,
+    /// The proxy plugin's name, which `--snapshotter` selects.
+    #[arg(long, default_value = "ontop")]
+    name: String,
+    /// ontop's config file, for the socket, the root and remap_ids.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The socket, as `ontop serve --address`.
+    #[arg(long)]
+    address: Option<PathBuf>,
+    /// The root, as `ontop serve --root`.
+    #[arg(long)]
+    root: Option<PathBuf>,
+}
+
+impl ContainerdConfigArgs {
+    fn render(self) -> anyhow::Result<String> {
+        use ontop::containerd_config::{host_platform, render, Fragment, Version};
+        let flags = Overrides {
+            address: self.address,
+            root: self.root,
+            ..Default::default()
+        };
+        let config = Config::load(self.config.as_deref(), flags)?;
+        let containerd = match self.containerd_version.as_str() {
+            "auto" => Version::detect(std::path::Path::new("containerd"))?,
+            v => Version::parse(v)?,
+        };
+        Ok(render(&Fragment {
+            name: &self.name,
+            address: &config.address,
+            root: &config.root,
+            containerd,
+            remap_ids: config.remap_ids,
+            cri: self.cri,
+            platform: &host_platform(),
+        }))
+    }
+}
+
+#[derive(Args)]
 struct ServeArgs {
     /// Config file [default: /etc/ontop/config.toml when it exists; for
     /// users other than root, ~/.config/ontop/config.toml].
@@ -224,6 +275,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     match cli.command {
+        Command::ContainerdConfig(args) => {
+            print!("{}", args.render()?);
+            Ok(())
+        }
         Command::Bench(args) => {
             let sub = matches
                 .subcommand_matches("bench")

@@ -29,6 +29,10 @@ pub struct OverlayOptions {
     pub userxattr: bool,
     /// Extra options from config, for layered mounts only.
     pub extra: Vec<String>,
+    /// Whether containerd's applier can write a layer straight into an
+    /// upper dir (see [`Layers::unpack`]): not inside a user namespace,
+    /// where it cannot make overlay's whiteout devices and mounts instead.
+    pub direct_unpack: bool,
 }
 
 impl OverlayOptions {
@@ -42,6 +46,7 @@ impl OverlayOptions {
             index_off: kernel && Path::new("/sys/module/overlay/parameters/index").exists(),
             userxattr: kernel && backend::in_user_namespace(),
             extra,
+            direct_unpack: !backend::in_user_namespace(),
         }
     }
 }
@@ -59,8 +64,17 @@ pub struct Layers {
     pub base: Option<PathBuf>,
     /// Overlay's `volatile` for writable mounts: no syncs, throwaway data.
     pub volatile: bool,
-    /// User-namespace id mappings (fuse-overlayfs only).
+    /// User-namespace id mappings ontop applies: fuse-overlayfs maps
+    /// them itself; on the kernel backend they become options for
+    /// containerd 2.x to idmap-mount the lower layers.
     pub idmap: IdMapping,
+    /// A layer being unpacked by containerd's applier (the Prepare of an
+    /// image layer). With no parent it gets an overlay mount holding only
+    /// `upperdir=`: the applier then writes into the upper dir itself and
+    /// turns the layer's whiteouts into overlay's, where a bind mount would
+    /// lose them (containerd issue 13030). Nobody mounts it; containerd
+    /// 2.2+ unpacks layers in parallel this way, each without its parent.
+    pub unpack: bool,
     /// An empty directory, the lower layer of a mapped snapshot that has
     /// nothing under it.
     pub empty: PathBuf,
@@ -73,7 +87,13 @@ pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
     // fuse-overlayfs maps ids only on its own mounts: a bind would show
     // the container the ids stored on disk, and store its writes with
     // host ids. A mapped snapshot is always layered.
-    let mapped = opts.backend == Backend::FuseOverlayfs && !layers.idmap.is_empty();
+    let fuse_mapped = opts.backend == Backend::FuseOverlayfs && !layers.idmap.is_empty();
+    // The kernel's mappings are containerd's to perform, on any shape: it
+    // idmap-mounts a bind, and an overlay's lower dirs.
+    let kernel_map = match opts.backend {
+        Backend::Overlayfs if !layers.idmap.is_empty() => layers.idmap.kernel_options(),
+        _ => Vec::new(),
+    };
     // The base is the bottom layer: a snapshot with nothing but a base is
     // still an overlay of its upper over the base, never a bind of the
     // base itself, which must not be written.
@@ -84,10 +104,17 @@ pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
         .map(PathBuf::as_path)
         .collect();
     if lowers.is_empty() {
-        if !mapped {
+        if layers.unpack && !readonly && opts.direct_unpack {
+            return vec![Mount {
+                fstype: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![format!("upperdir={}", layers.upper.display())],
+            }];
+        }
+        if !fuse_mapped {
             // Overlay needs at least one lower dir, and a lone tree needs
             // no overlay anyway: bind it.
-            return vec![bind(&layers.upper, readonly, true)];
+            return vec![bind(kernel_map, &layers.upper, readonly, true)];
         }
         // A view's own tree is empty and read-only: it can be the lower.
         lowers.push(if readonly {
@@ -96,15 +123,15 @@ pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
             &layers.empty
         });
     }
-    if readonly && lowers.len() == 1 && !mapped {
+    if readonly && lowers.len() == 1 && !fuse_mapped {
         // A view of one layer is that layer, read-only. A host base is
         // bound without `rbind`: a read-only remount does not reach the
         // submounts an rbind would bring along, and they must not be
         // writable through the view.
         let recursive = layers.base.is_none();
-        return vec![bind(lowers[0], true, recursive)];
+        return vec![bind(kernel_map, lowers[0], true, recursive)];
     }
-    let mut options = Vec::new();
+    let mut options = kernel_map;
     if opts.index_off {
         options.push("index=off".to_string());
     }
@@ -133,14 +160,15 @@ pub fn build(layers: &Layers, opts: &OverlayOptions) -> Vec<Mount> {
     }]
 }
 
-fn bind(path: &Path, readonly: bool, recursive: bool) -> Mount {
+/// A bind mount of `path`, after `first` options (containerd's idmap).
+fn bind(first: Vec<String>, path: &Path, readonly: bool, recursive: bool) -> Mount {
+    let mut options = first;
+    options.push(if readonly { "ro" } else { "rw" }.into());
+    options.push(if recursive { "rbind" } else { "bind" }.into());
     Mount {
         fstype: "bind".into(),
         source: path.display().to_string(),
-        options: vec![
-            if readonly { "ro" } else { "rw" }.into(),
-            if recursive { "rbind" } else { "bind" }.into(),
-        ],
+        options,
     }
 }
 
@@ -158,6 +186,7 @@ mod tests {
             volatile: false,
             idmap: IdMapping::default(),
             empty: "/r/empty".into(),
+            unpack: false,
         }
     }
 
@@ -172,6 +201,7 @@ mod tests {
             index_off,
             userxattr,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            direct_unpack: true,
         }
     }
 
@@ -424,5 +454,83 @@ mod tests {
         for (l, want) in cases {
             assert_eq!(build(&l, &o), vec![want], "{l:?}");
         }
+    }
+
+    fn mapped_both(mut l: Layers) -> Layers {
+        l = mapped(l);
+        l.idmap.gids = vec![crate::idmap::Range {
+            container: 0,
+            host: 200000,
+            size: 65536,
+        }];
+        l
+    }
+
+    #[test]
+    fn kernel_mappings_are_containerds_uidmap_options_on_its_overlay_shapes() {
+        let o = opts(true, false, &[]);
+        let map = ["uidmap=0:100000:65536", "gidmap=0:200000:65536"];
+        let with_map = |rest: &[&str]| -> Vec<String> {
+            map.iter().chain(rest).map(|s| s.to_string()).collect()
+        };
+        let cases = [
+            (
+                mapped_both(layers(Kind::Active, &[])),
+                Mount {
+                    fstype: "bind".into(),
+                    source: "/r/snapshots/9/fs".into(),
+                    options: with_map(&["rw", "rbind"]),
+                },
+            ),
+            (
+                mapped_both(layers(Kind::View, &["/r/snapshots/1/fs"])),
+                Mount {
+                    fstype: "bind".into(),
+                    source: "/r/snapshots/1/fs".into(),
+                    options: with_map(&["ro", "rbind"]),
+                },
+            ),
+            (
+                mapped_both(layers(
+                    Kind::Active,
+                    &["/r/snapshots/2/fs", "/r/snapshots/1/fs"],
+                )),
+                Mount {
+                    fstype: "overlay".into(),
+                    source: "overlay".into(),
+                    options: with_map(&[
+                        "index=off",
+                        "workdir=/r/snapshots/9/work",
+                        "upperdir=/r/snapshots/9/fs",
+                        "lowerdir=/r/snapshots/2/fs:/r/snapshots/1/fs",
+                    ]),
+                },
+            ),
+        ];
+        for (l, want) in cases {
+            assert_eq!(build(&l, &o), vec![want], "{l:?}");
+        }
+    }
+
+    #[test]
+    fn a_parentless_layer_unpack_is_an_overlay_with_only_an_upperdir() {
+        let mut l = layers(Kind::Active, &[]);
+        l.unpack = true;
+        let upper_only = mount("overlay", "overlay", &["upperdir=/r/snapshots/9/fs"]);
+        for o in [opts(true, false, &["metacopy=off"]), fuse(&[])] {
+            assert_eq!(build(&l, &o), vec![upper_only.clone()], "{o:?}");
+        }
+        // In a user namespace the applier mounts instead: keep the bind.
+        let userns = OverlayOptions {
+            direct_unpack: false,
+            ..opts(true, true, &[])
+        };
+        assert_eq!(build(&l, &userns)[0].fstype, "bind");
+        // A layer unpacked on its parent is an ordinary overlay.
+        l.parents = vec!["/r/snapshots/1/fs".into()];
+        assert!(build(&l, &opts(false, false, &[]))[0]
+            .options
+            .iter()
+            .any(|o| o.starts_with("lowerdir=")));
     }
 }

@@ -38,6 +38,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         async_remove: config.async_remove,
         overlay,
         base_roots: config.base_roots.clone(),
+        remap_ids: config.remap_ids,
     };
     let core = tokio::task::spawn_blocking(move || Snapshotter::open(opts))
         .await

@@ -19,6 +19,7 @@ use anyhow::Context as _;
 
 use crate::backend::{self as backends, Backend};
 use crate::base::{self, BasePolicy, BASE_LABEL};
+use crate::caller::Caller;
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
 use crate::idmap::IdMapping;
@@ -37,6 +38,37 @@ pub struct Options {
     pub overlay: OverlayOptions,
     /// Where host base directories may come from.
     pub base_roots: Vec<PathBuf>,
+    /// Map ids when the labels ask (config `remap_ids`).
+    pub remap_ids: bool,
+}
+
+/// What a snapshot's labels ask of its mounts.
+#[derive(Debug, Clone, Default)]
+pub struct MountAsks {
+    volatile: bool,
+    /// The id mapping the labels carry, before [`Snapshotter::idmap`]
+    /// decides who applies it.
+    mapping: IdMapping,
+    /// An image layer being unpacked (see [`Layers::unpack`]).
+    unpack: bool,
+}
+
+/// The labels containerd's unpacker puts on the Prepare of every image
+/// layer: `snapshot.ref` in every release, `parent-chain-id` from 2.3 on
+/// layers that are unpacked without their parent.
+const UNPACK_LABELS: [&str; 2] = [
+    "containerd.io/snapshot.ref",
+    "containerd.io/snapshot/parent-chain-id",
+];
+
+impl MountAsks {
+    fn of(labels: &Labels) -> Result<MountAsks> {
+        Ok(MountAsks {
+            volatile: base::volatile(labels)?,
+            mapping: IdMapping::from_labels(labels)?,
+            unpack: UNPACK_LABELS.iter().any(|l| labels.contains_key(*l)),
+        })
+    }
 }
 
 /// What Mounts read from the database, before any filesystem work.
@@ -44,16 +76,16 @@ pub struct Options {
 pub struct MountPlan {
     rec: Record,
     ancestors: Vec<Id>,
-    volatile: bool,
-    idmap: IdMapping,
+    asks: MountAsks,
 }
 
 impl MountPlan {
     /// Whether [`Snapshotter::mounts_for`] touches the filesystem (a host
-    /// base to check and link, a volatile marker to clear), which must not
-    /// run on an async worker. Everything else is pure.
+    /// base to check and link, a volatile marker to clear, a caller's
+    /// binary to read for an id mapping), which must not run on an async
+    /// worker. Everything else is pure.
     pub fn touches_filesystem(&self) -> bool {
-        self.rec.base.is_some() || self.volatile
+        self.rec.base.is_some() || self.asks.volatile || !self.asks.mapping.is_empty()
     }
 }
 
@@ -71,6 +103,7 @@ pub struct Snapshotter {
     store: Store,
     overlay: OverlayOptions,
     async_remove: bool,
+    remap_ids: bool,
     bases: BasePolicy,
     _lock: layout::RootLock,
 }
@@ -103,6 +136,7 @@ impl Snapshotter {
             store,
             overlay: opts.overlay,
             async_remove: opts.async_remove,
+            remap_ids: opts.remap_ids,
             _lock: lock,
         })
     }
@@ -127,8 +161,9 @@ impl Snapshotter {
         key: &str,
         parent: &str,
         labels: HashMap<String, String>,
+        caller: Caller,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
+        self.create(Kind::Active, key, parent, labels, caller)
     }
 
     pub fn view(
@@ -136,8 +171,9 @@ impl Snapshotter {
         key: &str,
         parent: &str,
         labels: HashMap<String, String>,
+        caller: Caller,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
+        self.create(Kind::View, key, parent, labels, caller)
     }
 
     fn create(
@@ -146,11 +182,19 @@ impl Snapshotter {
         key: &str,
         parent: &str,
         labels: HashMap<String, String>,
+        caller: Caller,
     ) -> Result<Vec<Mount>> {
         require_key("key", key)?;
         let mut labels = labels::validate(labels)?;
-        let volatile = base::volatile(&labels)?;
-        let idmap = self.idmap(&labels)?;
+        let mut asks = MountAsks::of(&labels)?;
+        let idmap = self.idmap(&asks.mapping, caller)?;
+        // The upper's root belongs to the container's root, unless
+        // fuse-overlayfs maps it on the fly (see `crate::idmap`).
+        let mapped_root = match (asks.mapping.is_empty(), self.maps_itself(&idmap)) {
+            (false, false) => Some(asks.mapping.root()?),
+            _ => None,
+        };
+        asks.unpack &= kind == Kind::Active && parent.is_empty();
         // Resolved before any transaction: the label is untrusted input,
         // and a rejection must leave nothing behind.
         let requested_base = base::requested(&labels)
@@ -215,10 +259,14 @@ impl Snapshotter {
                 base::copy_root_attributes(b.as_fd(), &dir.fs())
                     .context("copying the root mode and owner of the base")?;
             }
+            if let Some((uid, gid)) = mapped_root {
+                chown(dir.fs(), Some(uid), Some(gid))
+                    .context("giving the root to the container's root")?;
+            }
             if let Some(b) = &pinned {
                 dir.pin_base(b.as_fd()).context("pinning the base directory")?;
             }
-            let layers = self.layers(kind, id, &ancestors, base.is_some(), volatile, idmap);
+            let layers = self.layers(kind, id, &ancestors, base.is_some(), &asks, idmap);
             self.layout
                 .install(dir, id)
                 .with_context(|| format!("moving snapshot {id} into place"))?;
@@ -238,9 +286,9 @@ impl Snapshotter {
         }
     }
 
-    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+    pub fn mounts(&self, key: &str, caller: Caller) -> Result<Vec<Mount>> {
         let plan = self.store.read(|tx| self.mount_plan(tx, key))?;
-        self.mounts_for(plan)
+        self.mounts_for(plan, caller)
     }
 
     /// What Mounts needs from the database, if a reader is free right now
@@ -257,26 +305,25 @@ impl Snapshotter {
             )));
         }
         let labels = tx.labels(rec.id)?;
-        let volatile = base::volatile(&labels)?;
-        let idmap = self.idmap(&labels)?;
+        let mut asks = MountAsks::of(&labels)?;
+        asks.unpack &= rec.kind == Kind::Active && rec.parent_id.is_none();
         let ancestors = tx.ancestors(rec.id)?;
         Ok(MountPlan {
             rec,
             ancestors,
-            volatile,
-            idmap,
+            asks,
         })
     }
 
     /// The mounts of a planned snapshot, after the filesystem work some
     /// need (see [`MountPlan::touches_filesystem`]).
-    pub fn mounts_for(&self, plan: MountPlan) -> Result<Vec<Mount>> {
+    pub fn mounts_for(&self, plan: MountPlan, caller: Caller) -> Result<Vec<Mount>> {
         let MountPlan {
             rec,
             ancestors,
-            volatile,
-            idmap,
+            asks,
         } = plan;
+        let idmap = self.idmap(&asks.mapping, caller)?;
         if let Some(b) = &rec.base {
             // Every time: after a reboot the pin is gone, and the host may
             // have put a new directory at the base's path.
@@ -284,7 +331,7 @@ impl Snapshotter {
         }
         let writable_overlay =
             rec.kind == Kind::Active && (rec.base.is_some() || !ancestors.is_empty());
-        if volatile && writable_overlay {
+        if asks.volatile && writable_overlay {
             // The kernel leaves this marker after a volatile mount and
             // refuses the same upper and work dirs again until it is gone.
             self.layout
@@ -296,13 +343,24 @@ impl Snapshotter {
             rec.id,
             &ancestors,
             rec.base.is_some(),
-            volatile,
+            &asks,
             idmap,
         );
         Ok(mounts::build(&layers, &self.overlay))
     }
 
-    pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
+    /// Commits `key` as `name`. A non-empty `parent` rebases: containerd
+    /// 2.2+ unpacks an image's layers in parallel, each prepared without a
+    /// parent, and names the parent at Commit. Only a snapshot prepared
+    /// without one can get it; the committed snapshot then sits on the
+    /// parent's chain, host base included.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<()> {
         require_key("name", name)?;
         require_key("key", key)?;
         let labels = labels::validate(labels)?;
@@ -318,12 +376,25 @@ impl Snapshotter {
             } else {
                 self.upper_usage(now.id)?
             };
-            // Commit replaces labels, but the base belongs to the chain.
-            let mut labels = labels;
-            let current = match &now.base {
-                Some(_) => Some(base_label(tx, &now)?),
-                None => None,
+            let rebased = rebase_parent(tx, &now, parent)?;
+            // The base belongs to the chain: the active snapshot's own, or
+            // the one of the parent it is rebased on.
+            let inherited = rebased.as_ref().filter(|p| p.base.is_some());
+            let current = match (&now.base, inherited) {
+                (Some(own), Some(p)) if Some(own) != p.base.as_ref() => {
+                    return Err(Error::invalid_argument(format!(
+                        "cannot commit {key:?} onto {parent:?}: it sits on base {}, and the parent \
+                         on base {}; a chain has one base",
+                        own.display(),
+                        p.base.as_deref().unwrap_or(Path::new("")).display()
+                    )))
+                }
+                (Some(_), _) => Some(base_label(tx, &now)?),
+                (None, Some(p)) => Some(base_label(tx, p)?),
+                (None, None) => None,
             };
+            // Commit replaces labels, but keeps the base.
+            let mut labels = labels;
             if let Some(asked) = base::requested(&labels) {
                 if current.as_deref() != Some(asked) {
                     return Err(Error::failed_precondition(format!(
@@ -332,12 +403,17 @@ impl Snapshotter {
                     )));
                 }
             }
-            let unpin = current.is_some().then_some(now.id);
             if let Some(current) = current {
                 labels.insert(BASE_LABEL.to_string(), current);
             }
+            if let Some(p) = &rebased {
+                tx.set_parent(now.id, p.id)?;
+                if now.base.is_none() && p.base.is_some() {
+                    tx.set_base(now.id, p.base.as_deref())?;
+                }
+            }
             tx.commit(now.id, name, &labels, usage, Timestamp::now())?;
-            Ok(unpin)
+            Ok(now.base.is_some().then_some(now.id))
         })?;
         // A committed snapshot has no mounts, so its pin goes: children
         // pin the base themselves. A pin left by a failure or a crash here
@@ -429,8 +505,7 @@ impl Snapshotter {
                 }
             }
             labels.retain(|_, v| !v.is_empty());
-            base::volatile(&labels)?;
-            self.idmap(&labels)?;
+            MountAsks::of(&labels)?;
 
             let old_base = old.get(BASE_LABEL).cloned();
             let mut new_base = None;
@@ -592,19 +667,51 @@ impl Snapshotter {
         Ok(all)
     }
 
-    /// The id mappings `labels` ask for, which only the fuse backend can
-    /// apply: a kernel overlay would show the container unmapped owners.
-    fn idmap(&self, labels: &Labels) -> Result<IdMapping> {
-        let idmap = IdMapping::from_labels(labels)?;
-        if !idmap.is_empty() && self.overlay.backend != Backend::FuseOverlayfs {
-            return Err(Error::failed_precondition(format!(
-                "id mapping labels ({}, {}) need backend fuse-overlayfs; this daemon runs {}",
+    /// Who applies the id mapping a snapshot's labels ask for, as the
+    /// mapping ontop puts in its mounts (empty: nobody, or containerd).
+    ///
+    /// With `remap_ids` (containerd 2.x's `remap-ids` capability), ontop
+    /// maps: fuse-overlayfs on the fly, the kernel backend through
+    /// containerd 2's idmapped mounts. Without it, containerd 2.x has
+    /// already copied the image into a snapshot it chowned, and the labels
+    /// only say who owns the new root. containerd 1.x has no capabilities:
+    /// its labels always mean "map", which only fuse-overlayfs can do for
+    /// it, since it cannot idmap-mount.
+    fn idmap(&self, asked: &IdMapping, caller: Caller) -> Result<IdMapping> {
+        if asked.is_empty() {
+            return Ok(IdMapping::default());
+        }
+        let containerd1 = || caller.is_containerd_1();
+        match self.overlay.backend {
+            Backend::FuseOverlayfs if self.remap_ids || containerd1() => Ok(asked.clone()),
+            Backend::FuseOverlayfs => Ok(IdMapping::default()),
+            Backend::Overlayfs if containerd1() => Err(Error::failed_precondition(format!(
+                "user-namespace id mapping ({}, {}) on the kernel backend needs containerd \
+                 2.0 or later, which idmap-mounts the layers; containerd 1.x cannot. Use \
+                 backend fuse-overlayfs, which maps ids itself, or containerd 2",
                 crate::idmap::UID_LABEL,
                 crate::idmap::GID_LABEL,
-                self.overlay.backend
-            )));
+            ))),
+            Backend::Overlayfs if !self.remap_ids => Ok(IdMapping::default()),
+            Backend::Overlayfs if asked.uids.is_empty() || asked.gids.is_empty() => {
+                Err(Error::invalid_argument(format!(
+                    "the kernel backend maps ids only with both {} and {}: containerd \
+                     idmap-mounts only when it has both",
+                    crate::idmap::UID_LABEL,
+                    crate::idmap::GID_LABEL,
+                )))
+            }
+            Backend::Overlayfs => {
+                asked.root()?;
+                Ok(asked.clone())
+            }
         }
-        Ok(idmap)
+    }
+
+    /// Whether `idmap` is applied on the fly by the mount itself, so the
+    /// files keep the container's ids on disk.
+    fn maps_itself(&self, idmap: &IdMapping) -> bool {
+        self.overlay.backend == Backend::FuseOverlayfs && !idmap.is_empty()
     }
 
     fn layers(
@@ -613,7 +720,7 @@ impl Snapshotter {
         id: Id,
         ancestors: &[Id],
         has_base: bool,
-        volatile: bool,
+        asks: &MountAsks,
         idmap: IdMapping,
     ) -> Layers {
         Layers {
@@ -622,9 +729,10 @@ impl Snapshotter {
             work: self.layout.work(id),
             parents: ancestors.iter().map(|&p| self.layout.fs(p)).collect(),
             base: has_base.then(|| self.layout.base_dir(id)),
-            volatile,
+            volatile: asks.volatile,
             idmap,
             empty: self.layout.empty_dir(),
+            unpack: asks.unpack,
         }
     }
 
@@ -714,6 +822,37 @@ fn committed_parent(tx: &Tx<'_>, parent: &str) -> Result<Record> {
         )));
     }
     Ok(rec)
+}
+
+/// The parent a Commit rebases `active` on, if any, with containerd's
+/// bolt store's rules and codes: naming the parent it already has is no
+/// change; a different one is InvalidArgument; a missing parent is
+/// NotFound, an uncommitted one FailedPrecondition.
+fn rebase_parent(tx: &Tx<'_>, active: &Record, parent: &str) -> Result<Option<Record>> {
+    if parent.is_empty() || parent == active.parent {
+        return Ok(None);
+    }
+    if active.parent_id.is_some() {
+        return Err(Error::invalid_argument(format!(
+            "cannot change the parent of active snapshot {:?} from {:?} to {parent:?} on \
+             commit: only a snapshot prepared without a parent can be given one",
+            active.key, active.parent
+        )));
+    }
+    let rec = tx.record(parent)?.ok_or_else(|| {
+        Error::not_found(format!(
+            "cannot commit {:?} onto parent {parent:?}: it does not exist",
+            active.key
+        ))
+    })?;
+    if rec.kind != Kind::Committed {
+        return Err(Error::failed_precondition(format!(
+            "cannot commit {:?} onto parent {parent:?}: it is {}, not committed",
+            active.key,
+            rec.kind.as_str()
+        )));
+    }
+    Ok(Some(rec))
 }
 
 /// Commit's checks, in containerd's order: the name is free, the key

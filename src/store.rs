@@ -500,6 +500,15 @@ impl Tx<'_> {
         self.replace_labels(id, labels)
     }
 
+    /// Puts `id`, prepared without a parent, on `parent` (Commit's
+    /// rebase); the caller has checked that `parent` is committed.
+    pub fn set_parent(&self, id: Id, parent: Id) -> Result<()> {
+        self.0
+            .prepare_cached("UPDATE snapshots SET parent_id = ?2 WHERE id = ?1")?
+            .execute(params![id, parent])?;
+        Ok(())
+    }
+
     /// Replaces all labels of `id` and stamps `updated`.
     pub fn update_labels(&self, id: Id, labels: &Labels, now: Timestamp) -> Result<()> {
         let mut stmt = self

@@ -319,6 +319,68 @@ async fn commit_replaces_labels_and_frees_the_key_at_once() {
     assert_eq!(d.snapshot_dirs(), ["1", "2"]);
 }
 
+/// containerd 2.2+'s `rebase`: a layer prepared without a parent gets
+/// one at Commit (`CommitSnapshotRequest.parent`), with the rules and codes
+/// of containerd's bolt store.
+async fn commit_with_a_parent_rebases_only_a_snapshot_prepared_without_one() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    c.layer(&d, "l1", "", |r| {
+        std::fs::write(r.join("one"), "1").unwrap()
+    })
+    .await;
+    c.prepare("l2-a", "").await.unwrap();
+    let t = d.mountpoint("l2-a");
+    common::mount_all(&c.mounts("l2-a").await.unwrap(), &t);
+    std::fs::write(t.join("two"), "2").unwrap();
+    common::unmount(&t);
+
+    // Refusals leave the active snapshot as it was.
+    assert_eq!(
+        code(c.commit_onto("l2", "l2-a", "missing").await),
+        Code::NotFound
+    );
+    c.prepare("not-committed", "").await.unwrap();
+    assert_eq!(
+        code(c.commit_onto("l2", "l2-a", "not-committed").await),
+        Code::FailedPrecondition
+    );
+    c.prepare("on-l1", "l1").await.unwrap();
+    c.layer(&d, "other", "", |_| {}).await;
+    let err = c.commit_onto("x", "on-l1", "other").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("only a snapshot prepared without a parent"),
+        "{err}"
+    );
+    // Naming the parent it already has is no change.
+    c.commit_onto("on-l1-done", "on-l1", "l1").await.unwrap();
+    assert_eq!(c.stat("on-l1-done").await.unwrap().parent, "l1");
+    assert_eq!(c.stat("l2-a").await.unwrap().kind, Kind::Active as i32);
+
+    c.commit_onto("l2", "l2-a", "l1").await.unwrap();
+    let st = c.stat("l2").await.unwrap();
+    assert_eq!(
+        (st.parent.as_str(), st.kind),
+        ("l1", Kind::Committed as i32)
+    );
+    assert!(c
+        .list(&["parent==l1"])
+        .await
+        .unwrap()
+        .contains(&"l2".to_string()));
+    // The chain is the parent's: a view shows both layers.
+    let mounts = c.view("v", "l2").await.unwrap();
+    let t = d.mountpoint("v");
+    common::mount_all(&mounts, &t);
+    assert_eq!(std::fs::read_to_string(t.join("one")).unwrap(), "1");
+    assert_eq!(std::fs::read_to_string(t.join("two")).unwrap(), "2");
+    common::unmount(&t);
+    assert_eq!(code(c.remove("l1").await), Code::FailedPrecondition);
+    d.assert_consistent();
+}
+
 async fn keys_are_reusable_after_remove_and_ids_are_never_reused() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -512,6 +574,7 @@ on_every_backend!(
     stat_reports_kind_parent_and_equal_timestamps_at_creation,
     keys_with_slashes_and_spaces_are_opaque,
     commit_replaces_labels_and_frees_the_key_at_once,
+    commit_with_a_parent_rebases_only_a_snapshot_prepared_without_one,
     keys_are_reusable_after_remove_and_ids_are_never_reused,
     update_follows_the_testsuite,
     empty_label_values_are_never_stored,

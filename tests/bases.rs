@@ -231,6 +231,37 @@ async fn the_base_survives_commit_into_children_and_views() {
     assert_eq!(tree_state(&host), before);
 }
 
+/// A layer committed onto a parent (containerd 2.2+'s rebase) joins the
+/// parent's chain, base included; a layer on a base of its own cannot join
+/// a chain on another.
+async fn a_layer_rebased_at_commit_inherits_the_parents_base() {
+    let d = Daemon::start_with_bases("").await;
+    let host = host_tree(&d, "tree");
+    let other = host_tree(&d, "other");
+    let before = tree_state(&host);
+    let mut c = d.client().await;
+    c.prepare_with("l1-a", "", base(&host)).await.unwrap();
+    c.commit("l1", "l1-a").await.unwrap();
+
+    c.prepare_with("elsewhere", "", base(&other)).await.unwrap();
+    let err = c.commit_onto("x", "elsewhere", "l1").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("a chain has one base"), "{err}");
+
+    c.prepare("l3-a", "").await.unwrap();
+    c.commit_onto("l3", "l3-a", "l1").await.unwrap();
+    let st = c.stat("l3").await.unwrap();
+    assert_eq!(st.parent, "l1");
+    assert_eq!(st.labels.get(BASE_LABEL).map(String::as_str), host.to_str());
+    let mounts = c.prepare("top", "l3").await.unwrap();
+    let t = d.mountpoint("top");
+    mount_all(&mounts, &t);
+    assert_eq!(read(&t.join("dir/b.txt")), "host b\n");
+    unmount(&t);
+    assert_eq!(tree_state(&host), before);
+    d.assert_consistent();
+}
+
 async fn a_view_of_a_bare_base_is_a_read_only_bind_that_hides_host_submounts() {
     let d = Daemon::start_with_bases("").await;
     let host = host_tree(&d, "tree");
@@ -748,6 +779,7 @@ on_every_backend!(
     a_base_path_swapped_for_a_symlink_after_the_check_is_never_followed,
     a_base_set_by_update_takes_effect_at_the_next_mounts,
     the_base_survives_commit_into_children_and_views,
+    a_layer_rebased_at_commit_inherits_the_parents_base,
     a_view_of_a_bare_base_is_a_read_only_bind_that_hides_host_submounts,
     the_base_of_a_chain_cannot_be_changed_once_built_on,
     untrusted_base_labels_are_refused_and_leave_nothing_behind,

@@ -279,9 +279,12 @@ async fn configured_mount_options_reach_layered_mounts_only() {
 }
 
 /// containerd's `WithRemapperLabels` for user namespaces. fuse-overlayfs
-/// shifts owners on the fly; a kernel overlay cannot, so that backend
-/// refuses the labels rather than show a container unmapped owners.
-async fn id_mapping_labels_shift_owners_on_fuse_and_are_refused_by_the_kernel() {
+/// shifts owners on the fly. On the kernel backend the mounts carry
+/// containerd 2's `uidmap=`/`gidmap=` options, which containerd idmap-mounts
+/// (tests/containerd.rs runs such a container), and the upper's root
+/// belongs to the container's root.
+async fn id_mapping_labels_shift_owners_on_fuse_and_become_containerds_idmap_options_on_the_kernel()
+{
     use std::os::unix::fs::{chown, MetadataExt};
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -301,13 +304,45 @@ async fn id_mapping_labels_shift_owners_on_fuse_and_are_refused_by_the_kernel() 
     assert!(err.message().contains("ctrID:hostID:size"), "{err}");
 
     if common::backend() == Backend::Overlayfs {
-        let err = c.prepare_with("m", "l1", mapping).await.unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition);
-        assert!(
-            err.message().contains("need backend fuse-overlayfs"),
-            "{err}"
+        // containerd idmap-mounts only with both mappings.
+        let uid_only = labels(&[("containerd.io/snapshot/uidmapping", "0:100000:65536")]);
+        let err = c.prepare_with("half", "l1", uid_only).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("both"), "{err}");
+        assert_eq!(code(c.stat("half").await), Code::NotFound);
+
+        let mounts = c.prepare_with("m", "l1", mapping.clone()).await.unwrap();
+        assert_eq!(mounts[0].r#type, "overlay");
+        assert_eq!(
+            mounts[0].options[..2],
+            ["uidmap=0:100000:65536", "gidmap=0:200000:65536"]
         );
-        assert_eq!(code(c.stat("m").await), Code::NotFound);
+        assert_eq!(mounts, c.mounts("m").await.unwrap());
+        let upper = Path::new(
+            mounts[0]
+                .options
+                .iter()
+                .find_map(|o| o.strip_prefix("upperdir="))
+                .unwrap(),
+        );
+        let md = fs::metadata(upper).unwrap();
+        assert_eq!((md.uid(), md.gid()), (100000, 200000));
+        // With no parent, a bind carrying the same options.
+        let mounts = c.prepare_with("fresh", "", mapping).await.unwrap();
+        assert_eq!(mounts[0].r#type, "bind");
+        assert_eq!(
+            mounts[0].options,
+            [
+                "uidmap=0:100000:65536",
+                "gidmap=0:200000:65536",
+                "rw",
+                "rbind"
+            ]
+        );
+        // The layer under them keeps its owners.
+        let view = c.view("look", "l1").await.unwrap();
+        let owners = fs::metadata(Path::new(&view[0].source).join("user-file")).unwrap();
+        assert_eq!((owners.uid(), owners.gid()), (5, 7));
         return;
     }
 
@@ -341,6 +376,60 @@ async fn id_mapping_labels_shift_owners_on_fuse_and_are_refused_by_the_kernel() 
     unmount(&target);
 }
 
+/// `remap_ids = false`: containerd 2.x maps by copying and chowning the
+/// image itself, and still sends the labels, which then only say who owns
+/// the new snapshot's root. Mapping again would shift owners twice.
+async fn without_remap_ids_the_labels_only_give_the_root_to_the_containers_root() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start_with_config("remap_ids = false\n").await;
+    let mut c = d.client().await;
+    c.layer(&d, "l1", "", |r| fs::write(r.join("f"), "x").unwrap())
+        .await;
+    let mapping = labels(&[
+        ("containerd.io/snapshot/uidmapping", "0:100000:65536"),
+        ("containerd.io/snapshot/gidmapping", "0:200000:65536"),
+    ]);
+    let mounts = c.prepare_with("m", "l1", mapping).await.unwrap();
+    let opts = mounts[0].options.join(",");
+    assert!(!opts.contains("map"), "{opts}");
+    let target = d.mountpoint("m");
+    mount_all(&mounts, &target);
+    let md = fs::metadata(&target).unwrap();
+    assert_eq!((md.uid(), md.gid()), (100000, 200000));
+    assert_eq!(fs::metadata(target.join("f")).unwrap().uid(), 0);
+    unmount(&target);
+}
+
+/// containerd's unpacker prepares each image layer with
+/// `containerd.io/snapshot.ref`; one without a parent (every layer, when
+/// containerd 2.2+ unpacks in parallel) gets an overlay holding only its
+/// upper dir, which containerd's applier writes into directly, turning
+/// whiteouts into overlay's.
+async fn a_parentless_layer_unpack_gets_an_overlay_with_only_its_upperdir() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let unpack = labels(&[
+        ("containerd.io/snapshot.ref", "sha256:abc"),
+        ("containerd.io/snapshot/parent-chain-id", "sha256:def"),
+    ]);
+    let mounts = c
+        .prepare_with("extract-1 sha256:abc", "", unpack)
+        .await
+        .unwrap();
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(
+        (mounts[0].r#type.as_str(), mounts[0].source.as_str()),
+        ("overlay", "overlay")
+    );
+    assert_eq!(mounts[0].options.len(), 1, "{mounts:?}");
+    let upper = mounts[0].options[0].strip_prefix("upperdir=").unwrap();
+    assert!(Path::new(upper).is_dir(), "{upper}");
+    assert_eq!(mounts, c.mounts("extract-1 sha256:abc").await.unwrap());
+    // An ordinary parentless snapshot keeps its bind.
+    let plain = c.prepare("plain", "").await.unwrap();
+    assert_eq!(plain[0].r#type, "bind");
+}
+
 on_every_backend!(
     a_committed_write_is_seen_by_a_child_and_a_change_in_the_child_stays_there,
     deletes_renames_and_directory_removal_across_layers,
@@ -352,5 +441,7 @@ on_every_backend!(
     removing_an_intermediate_snapshot_fails_until_its_child_is_gone,
     layered_mounts_carry_the_backends_options,
     configured_mount_options_reach_layered_mounts_only,
-    id_mapping_labels_shift_owners_on_fuse_and_are_refused_by_the_kernel,
+    id_mapping_labels_shift_owners_on_fuse_and_become_containerds_idmap_options_on_the_kernel,
+    without_remap_ids_the_labels_only_give_the_root_to_the_containers_root,
+    a_parentless_layer_unpack_gets_an_overlay_with_only_its_upperdir,
 );

@@ -517,6 +517,13 @@ impl Client {
         self.api.commit(name, key, labels).await
     }
 
+    /// Commit with a parent, as containerd 2.2+'s parallel unpack does.
+    pub async fn commit_onto(&mut self, name: &str, key: &str, parent: &str) -> Rpc<()> {
+        self.api
+            .commit_onto(name, key, parent, HashMap::new())
+            .await
+    }
+
     pub async fn remove(&mut self, key: &str) -> Rpc<()> {
         self.api.remove(key).await
     }

@@ -1,0 +1,137 @@
+//! Who is calling: a containerd 1.x, or anything else.
+//!
+//! One rule needs it. On the kernel backend, ontop answers a request for
+//! user-namespace id mapping with `uidmap=`/`gidmap=` mount options, which
+//! only containerd 2.0+ turns into idmapped mounts. containerd 1.x passes
+//! them to mount(2), which fails with a bare EINVAL, so ontop refuses such
+//! a request from containerd 1.x with the reason and the way out instead.
+//! Nothing in a request tells the generations apart (both send the same
+//! fields and metadata), but the caller's binary does: every Go binary
+//! carries its main package path in its build info, and containerd 2's is
+//! `github.com/containerd/containerd/v2/cmd/containerd`.
+//!
+//! The peer's pid comes from the unix socket (SO_PEERCRED). A caller whose
+//! binary cannot be read (another pid namespace, a non-Go client) is
+//! `Other`, and gets containerd 2's answer.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+/// containerd 1.x and 2.x binaries both carry this, followed by the main
+/// package's path, in their Go build info.
+const BUILD_INFO_PATH: &[u8] = b"path\tgithub.com/containerd/containerd/";
+
+/// The process on the other end of a request's connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caller {
+    pid: Option<i32>,
+}
+
+/// What the caller's binary says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// containerd of this major version.
+    Containerd(u32),
+    Other,
+}
+
+impl Caller {
+    pub fn from_pid(pid: Option<i32>) -> Caller {
+        Caller {
+            pid: pid.filter(|&p| p > 0),
+        }
+    }
+
+    /// Reads the caller's binary, once per binary (blocking: a containerd
+    /// binary is tens of MiB, read in full the first time).
+    pub fn kind(&self) -> Kind {
+        let Some(pid) = self.pid else {
+            return Kind::Other;
+        };
+        let exe = format!("/proc/{pid}/exe");
+        let Ok(md) = std::fs::metadata(&exe) else {
+            return Kind::Other;
+        };
+        // By device, inode and mtime: an upgraded binary is read again.
+        type Seen = Mutex<HashMap<(u64, u64, i64), Kind>>;
+        static SEEN: OnceLock<Seen> = OnceLock::new();
+        let seen = SEEN.get_or_init(Default::default);
+        let id = (md.dev(), md.ino(), md.mtime());
+        if let Some(kind) = seen.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            return *kind;
+        }
+        let kind = kind_of_binary(Path::new(&exe)).unwrap_or(Kind::Other);
+        seen.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, kind);
+        kind
+    }
+
+    pub fn is_containerd_1(&self) -> bool {
+        self.kind() == Kind::Containerd(1)
+    }
+}
+
+fn kind_of_binary(path: &Path) -> std::io::Result<Kind> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.read_to_end(&mut bytes)?;
+    Ok(kind_of_build_info(&bytes))
+}
+
+/// The kind a binary's build info names: `.../containerd/cmd/containerd`
+/// is containerd 1.x, `.../containerd/vN/cmd/containerd` containerd N.
+fn kind_of_build_info(bytes: &[u8]) -> Kind {
+    let Some(at) = memchr::memmem::find(bytes, BUILD_INFO_PATH) else {
+        return Kind::Other;
+    };
+    let rest = &bytes[at + BUILD_INFO_PATH.len()..];
+    let line = &rest[..rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())];
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Kind::Other;
+    };
+    if line == "cmd/containerd" {
+        return Kind::Containerd(1);
+    }
+    line.strip_suffix("/cmd/containerd")
+        .and_then(|v| v.strip_prefix('v'))
+        .and_then(|v| v.parse().ok())
+        .map_or(Kind::Other, Kind::Containerd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_info_names_the_containerd_generation() {
+        let info = |path: &str| format!("\u{ff}junk\0path\t{path}\nmod\tx\t(devel)\t\n");
+        let kind = |path: &str| kind_of_build_info(info(path).as_bytes());
+        assert_eq!(
+            kind("github.com/containerd/containerd/cmd/containerd"),
+            Kind::Containerd(1)
+        );
+        assert_eq!(
+            kind("github.com/containerd/containerd/v2/cmd/containerd"),
+            Kind::Containerd(2)
+        );
+        assert_eq!(
+            kind("github.com/containerd/containerd/cmd/ctr"),
+            Kind::Other
+        );
+        assert_eq!(kind("github.com/example/client"), Kind::Other);
+        assert_eq!(kind_of_build_info(b""), Kind::Other);
+    }
+
+    #[test]
+    fn a_caller_that_cannot_be_read_is_other() {
+        assert_eq!(Caller::from_pid(None).kind(), Kind::Other);
+        assert_eq!(Caller::from_pid(Some(0)).kind(), Kind::Other);
+        // This test binary is Rust, not containerd.
+        let me = Caller::from_pid(Some(std::process::id() as i32));
+        assert_eq!(me.kind(), Kind::Other);
+        assert!(!me.is_containerd_1());
+    }
+}
