@@ -44,11 +44,11 @@ else
   if ctr --address "$ctd_socket" version >/dev/null 2>&1; then
     echo "the system containerd runs without ontop; leaving its config alone."
     echo "to use ontop there, add this to /etc/containerd/config.toml and restart it:"
-    printf '  [proxy_plugins.ontop]\n    type = "snapshot"\n    address = "%s"\n' "$socket"
+    "$ontop" containerd-config --containerd-version auto --address "$socket" | sed 's/^/  /'
   fi
   ctd_socket=$demo/containerd.sock
   if ! ctr --address "$ctd_socket" version >/dev/null 2>&1; then
-    start_isolated_containerd "$demo" /var/lib/ontop-demo/containerd "$socket" /var/log/ontop-demo-containerd.log
+    start_isolated_containerd "$demo" /var/lib/ontop-demo/containerd "$ontop" "$socket" /var/log/ontop-demo-containerd.log
   fi
   echo "using an isolated containerd on $ctd_socket (config $demo/containerd.toml)"
 fi

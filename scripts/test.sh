@@ -14,6 +14,8 @@ apt_install util-linux passwd e2fsprogs containerd runc busybox-static tar coreu
   python3 python3-venv
 require_overlayfs
 require_fuse
+ensure_containerd2
+echo "containerd 2.x for the suite: ${ONTOP_CONTAINERD2_BIN:-none}"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
 cargo clippy --version >/dev/null 2>&1 || die "clippy is missing: rustup component add clippy"
 

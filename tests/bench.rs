@@ -15,6 +15,8 @@ use common::{Daemon, BIN};
 fn bench(dir: &std::path::Path, args: &[&str]) -> Vec<(String, String)> {
     let json = dir.join("bench.json");
     let out = Command::new(BIN)
+        // The running test's containerd generation's ctr, for image runs.
+        .env("PATH", common::containerd::path_env())
         .args(["bench", "--quick", "--scratch"])
         .arg(dir)
         .arg("--json")
@@ -76,7 +78,6 @@ async fn quick_bench_runs_every_workload_against_a_daemon_it_starts() {
     }
 }
 
-#[tokio::test]
 async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
     let d = Daemon::start().await;
     let ctd = Containerd::start(&d).await;
@@ -104,5 +105,31 @@ async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
                 "no {workload:?} for {target} in {rows:?}"
             );
         }
+    }
+}
+
+mod containerd1 {
+    use crate::common::containerd::{on_containerd, Generation};
+
+    #[tokio::test]
+    async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
+        on_containerd(
+            Generation::One,
+            super::quick_bench_runs_through_containerd_with_image_unpack_and_run(),
+        )
+        .await
+    }
+}
+
+mod containerd2 {
+    use crate::common::containerd::{on_containerd, Generation};
+
+    #[tokio::test]
+    async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
+        on_containerd(
+            Generation::Two,
+            super::quick_bench_runs_through_containerd_with_image_unpack_and_run(),
+        )
+        .await
     }
 }

@@ -397,7 +397,7 @@ async fn garbage_collection_finishes_across_ontop_restarts_and_crashes() {
     assert!(c.list(&[]).await.unwrap().is_empty());
 }
 
-on_every_backend!(
+on_every_containerd!(
     an_image_unpacks_through_ontop_and_ctr_shows_its_chain,
     containers_see_the_image_rootfs_and_keep_their_writes_to_themselves,
     ctr_snapshot_commands_drive_ontop_directly,

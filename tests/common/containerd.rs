@@ -1,7 +1,14 @@
-//! A real, isolated containerd from Debian's packages, wired to a test's
-//! ontop through `[proxy_plugins]`. It has its own root, state, sockets and
-//! config, so it runs beside any containerd already on the machine.
+//! A real, isolated containerd, wired to a test's ontop through
+//! `[proxy_plugins]`, with the config `ontop containerd-config` prints for
+//! it. It has its own root, state, sockets and config, so it runs beside
+//! any containerd already on the machine.
+//!
+//! Suites run each containerd test on both generations with
+//! `on_every_containerd!`: containerd 1.6 from Debian's packages, and
+//! containerd 2.x from the directory `ONTOP_CONTAINERD2_BIN` names
+//! (`scripts/test.sh` sets it).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -13,25 +20,82 @@ use super::Daemon;
 pub const NS: &str = "ontop-test";
 pub const IMAGE: &str = "docker.io/ontop/e2e:latest";
 
-/// Fails with the reason when containerd's tools are missing: these tests
-/// must run, never skip. `scripts/test.sh` installs them.
-pub fn require_containerd() {
-    for tool in [
-        "containerd",
-        "ctr",
-        "runc",
-        "containerd-shim-runc-v2",
-        "busybox",
-    ] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false);
-        assert!(
-            found,
-            "{tool} is not installed: the containerd suite needs Debian's containerd, runc \
-             and busybox-static (scripts/test.sh installs them)"
-        );
-    }
+/// A containerd generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    /// containerd 1.6, Debian's.
+    One,
+    /// containerd 2.x, from `ONTOP_CONTAINERD2_BIN`.
+    Two,
+}
+
+tokio::task_local! {
+    static GENERATION: Generation;
+}
+
+/// Runs `test` with containerds of generation `g`.
+pub async fn on_containerd<F: Future>(g: Generation, test: F) -> F::Output {
+    GENERATION.scope(g, test).await
+}
+
+/// The generation of the running test: 1 unless it runs under
+/// `on_every_containerd!`.
+pub fn generation() -> Generation {
+    GENERATION.try_with(|g| *g).unwrap_or(Generation::One)
+}
+
+/// Where this generation's containerd, ctr and shim are. runc comes from
+/// Debian for both. Fails the test saying how to provide what is missing:
+/// these tests must run, never skip.
+pub fn bin_dir() -> PathBuf {
+    let dir =
+        match generation() {
+            Generation::One => {
+                let found = |tool: &str| {
+                    std::env::var_os("PATH")
+                        .and_then(|p| std::env::split_paths(&p).find(|d| d.join(tool).is_file()))
+                };
+                for tool in ["runc", "busybox", "containerd-shim-runc-v2"] {
+                    assert!(
+                        found(tool).is_some(),
+                        "{tool} is not installed: the containerd suite needs Debian's containerd, \
+                     runc and busybox-static (scripts/test.sh installs them)"
+                    );
+                }
+                found("containerd").expect(
+                    "containerd is not installed: the containerd suite needs Debian's containerd \
+                 (scripts/test.sh installs it)",
+                )
+            }
+            Generation::Two => {
+                let dir = std::env::var_os("ONTOP_CONTAINERD2_BIN").map(PathBuf::from).expect(
+                "ONTOP_CONTAINERD2_BIN is not set: the containerd 2.x tests need a directory \
+                 holding containerd 2.x's containerd, ctr and containerd-shim-runc-v2. \
+                 scripts/test.sh sets it to ../shared/tools/containerd-2.3.4/bin, or downloads \
+                 the official release into target/; set it yourself to use another",
+            );
+                for tool in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+                    assert!(
+                        dir.join(tool).is_file(),
+                        "ONTOP_CONTAINERD2_BIN={} has no {tool}: it must hold containerd 2.x's \
+                     containerd, ctr and containerd-shim-runc-v2",
+                        dir.display()
+                    );
+                }
+                dir
+            }
+        };
+    std::fs::canonicalize(dir).unwrap()
+}
+
+/// PATH with this generation's binaries first, for containerd (which
+/// finds its shim there) and for `ontop containerd-config`.
+pub fn path_env() -> std::ffi::OsString {
+    let mut dirs = vec![bin_dir()];
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(dirs).unwrap()
 }
 
 /// The three-layer test image, built once per test binary by
@@ -59,6 +123,10 @@ pub fn image_archive() -> &'static Path {
 pub struct Containerd {
     pub dir: PathBuf,
     pub socket: PathBuf,
+    pub generation: Generation,
+    /// The TOML containerd runs with.
+    pub config: String,
+    ctr: PathBuf,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -67,41 +135,31 @@ impl Containerd {
     /// Starts containerd with ontop as proxy snapshotter `ontop`, and a
     /// garbage collector that runs right after every deletion.
     pub async fn start(ontop: &Daemon) -> Containerd {
-        require_containerd();
-        let dir = ontop.dir.path().join("ctd");
+        Containerd::start_with(ontop, "").await
+    }
+
+    /// As `start`, with `extra` TOML (in this generation's config version)
+    /// before the fragment `ontop containerd-config` prints.
+    pub async fn start_with(ontop: &Daemon, extra: &str) -> Containerd {
+        let generation = generation();
+        let bin = bin_dir();
+        let dir = ontop.dir.path().join(match generation {
+            Generation::One => "ctd",
+            Generation::Two => "ctd2",
+        });
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("containerd.sock");
-        let d = dir.display();
         let config = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{d}/containerd.sock"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[debug]
-  address = "{d}/debug.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-[plugins."io.containerd.gc.v1.scheduler"]
-  pause_threshold = 0.02
-  deletion_threshold = 0
-  mutation_threshold = 100
-  schedule_delay = "0s"
-  startup_delay = "100ms"
-[proxy_plugins.ontop]
-  type = "snapshot"
-  address = "{}"
-"#,
-            ontop.socket.display()
+            "{}\n{extra}\n{}",
+            head(generation, &dir),
+            ontop.containerd_config(&[])
         );
-        std::fs::write(dir.join("config.toml"), config).unwrap();
+        std::fs::write(dir.join("config.toml"), &config).unwrap();
         let log = dir.join("containerd.log");
-        let child = Command::new("containerd")
+        let child = Command::new(bin.join("containerd"))
             .arg("--config")
             .arg(dir.join("config.toml"))
+            .env("PATH", path_env())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -109,6 +167,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         let mut c = Containerd {
             dir,
             socket,
+            generation,
+            config,
+            ctr: bin.join("ctr"),
             log,
             child: Some(child),
         };
@@ -136,7 +197,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Runs `ctr` against this containerd in the test namespace.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
+        Command::new(&self.ctr)
             .arg("--address")
             .arg(&self.socket)
             .args(["--namespace", NS])
@@ -217,6 +278,40 @@ impl Drop for Containerd {
             .arg(self.socket.display().to_string())
             .status();
     }
+}
+
+/// What a test's containerd config holds besides ontop's fragment: its
+/// own paths, CRI off, and a garbage collector that runs at once.
+fn head(generation: Generation, dir: &Path) -> String {
+    let d = dir.display();
+    let (version, disabled) = match generation {
+        Generation::One => (2, r#""io.containerd.grpc.v1.cri""#),
+        Generation::Two => (
+            3,
+            r#""io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime""#,
+        ),
+    };
+    format!(
+        r#"version = {version}
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = [{disabled}]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+[plugins."io.containerd.gc.v1.scheduler"]
+  pause_threshold = 0.02
+  deletion_threshold = 0
+  mutation_threshold = 100
+  schedule_delay = "0s"
+  startup_delay = "100ms"
+"#
+    )
 }
 
 pub fn tail(s: &str, n: usize) -> String {

@@ -70,6 +70,40 @@ macro_rules! on_every_backend {
     };
 }
 
+/// Runs each named `async fn` on both containerd generations and both
+/// backends, as `containerd1::overlayfs::NAME`,
+/// `containerd2::fuse_overlayfs::NAME` and so on.
+#[allow(unused_macros)]
+macro_rules! on_every_containerd {
+    ($($test:ident),+ $(,)?) => {
+        on_every_containerd!(@gen containerd1, One, $($test),+);
+        on_every_containerd!(@gen containerd2, Two, $($test),+);
+    };
+    (@gen $module:ident, $generation:ident, $($test:ident),+) => {
+        mod $module {
+            on_every_containerd!(@backend overlayfs, Overlayfs, $generation, $($test),+);
+            on_every_containerd!(@backend fuse_overlayfs, FuseOverlayfs, $generation, $($test),+);
+        }
+    };
+    (@backend $module:ident, $backend:ident, $generation:ident, $($test:ident),+) => {
+        mod $module {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    crate::common::containerd::on_containerd(
+                        crate::common::containerd::Generation::$generation,
+                        crate::common::on_backend(
+                            crate::common::Backend::$backend,
+                            super::super::$test(),
+                        ),
+                    )
+                    .await
+                }
+            )+
+        }
+    };
+}
+
 /// Fails the test with a clear reason when it is not run as root: mount
 /// tests must run, never skip.
 pub fn require_root() {
@@ -380,6 +414,30 @@ impl Daemon {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// `ontop containerd-config` for this daemon and the running test's
+    /// containerd generation, found as a user would (`auto`: the first
+    /// `containerd` on PATH), with `flags` added.
+    pub fn containerd_config(&self, flags: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args(["containerd-config", "--containerd-version", "auto"])
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(&self.root)
+            .args(flags)
+            .env("PATH", containerd::path_env())
+            .output()
+            .expect("running ontop containerd-config");
+        assert!(
+            out.status.success(),
+            "ontop containerd-config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
     }
 
     /// Where host base directories may live (see `start_with_bases`).
