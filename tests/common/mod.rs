@@ -483,8 +483,11 @@ pub fn tree_state(root: &Path) -> std::collections::BTreeMap<PathBuf, String> {
                 stack.push(e.unwrap().path());
             }
             "dir".to_string()
-        } else {
+        } else if ft.is_file() {
             format!("file {:?}", std::fs::read(&p).unwrap())
+        } else {
+            // Overlay's whiteouts are character devices 0:0.
+            format!("special rdev={}", md.rdev())
         };
         out.insert(
             p.strip_prefix(root).unwrap().to_path_buf(),
