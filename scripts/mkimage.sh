@@ -8,12 +8,26 @@
 #            (replaced) directory, a mode change and an owner change
 #   layer 3  a hard link, a relative and an absolute symlink
 #
-# Usage: mkimage.sh OUT.tar [IMAGE-NAME]
+# With "deep", four more layers stack changes on changes, for parallel
+# unpack (each layer unpacked without its parent, then rebased):
+#
+#   layer 4  whiteout of a symlink, an opaque dir over layer 2's, a file's
+#            mode and owner changed, a new tree with its own owner
+#   layer 5  whiteout of that whole tree, a file replaced by a directory,
+#            a setuid file, changed content
+#   layer 6  the tree re-created after its whiteout, an empty mode-0 file,
+#            a symlink to a directory, a whiteout of a hidden file
+#   layer 7  an opaque dir over three layers with its own mode and owner,
+#            a whiteout of layer 4's file and of an applet, a directory's
+#            mode and owner changed
+#
+# Usage: mkimage.sh OUT.tar [IMAGE-NAME] [deep]
 # The expected view from inside a container is in tests/containerd.rs.
 set -euo pipefail
 
 out=${1:?usage: mkimage.sh OUT.tar [IMAGE-NAME]}
 name=${2:-docker.io/ontop/e2e:latest}
+variant=${3:-}
 busybox=$(command -v busybox || true)
 [ -n "$busybox" ] || { echo "mkimage: busybox is missing (apt-get install busybox-static)" >&2; exit 1; }
 # The image has no libc, so busybox must be the static build.
@@ -83,9 +97,56 @@ ln "$l3/links/target" "$l3/links/hard"
 ln -s target "$l3/links/sym"
 ln -s /data/keep.txt "$l3/links/abs"
 
+stack=("$l1" "$l2" "$l3")
+if [ "$variant" = deep ]; then
+  l4=$work/l4
+  mkdir -p "$l4"/{links,added,data,modes,deep/a/b}
+  : > "$l4/links/.wh.sym"
+  : > "$l4/added/.wh..wh..opq"
+  echo "other in layer 4" > "$l4/added/other.txt"
+  echo keep > "$l4/data/keep.txt"
+  chmod 0640 "$l4/data/keep.txt"
+  chown 0:42 "$l4/data/keep.txt"
+  echo mode > "$l4/modes/file"
+  chmod 0604 "$l4/modes/file"
+  chown 2000:3000 "$l4/modes/file"
+  echo "deep in layer 4" > "$l4/deep/a/b/file"
+  chmod 0700 "$l4/deep"
+  chown -R 7:8 "$l4/deep"
+
+  l5=$work/l5
+  mkdir -p "$l5"/{deep,olddir/c,etc}
+  : > "$l5/deep/.wh.a"
+  echo "c in layer 5" > "$l5/deep/c"
+  echo "inner" > "$l5/olddir/c/inner"
+  printf 'root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n' > "$l5/etc/passwd"
+  echo setuid > "$l5/setuid"
+  chmod 4755 "$l5/setuid"
+
+  l6=$work/l6
+  mkdir -p "$l6"/{deep/a,olddir}
+  echo "new a in layer 6" > "$l6/deep/a/new"
+  : > "$l6/empty-file"
+  chmod 0000 "$l6/empty-file"
+  ln -s /deep "$l6/symdir"
+  : > "$l6/olddir/.wh.a"
+
+  l7=$work/l7
+  mkdir -p "$l7"/{deep,added,bin,tmp}
+  : > "$l7/deep/.wh..wh..opq"
+  echo "final in layer 7" > "$l7/deep/final"
+  chmod 0711 "$l7/deep"
+  chown 9:9 "$l7/deep"
+  : > "$l7/added/.wh.other.txt"
+  : > "$l7/bin/.wh.vi"
+  chmod 0770 "$l7/tmp"
+  chown 5:5 "$l7/tmp"
+  stack+=("$l4" "$l5" "$l6" "$l7")
+fi
+
 diff_ids=()
 layers=()
-for l in "$l1" "$l2" "$l3"; do
+for l in "${stack[@]}"; do
   layer_tar "$l" "$l.tar"
   read -r d s < <(blob "$l.tar")
   diff_ids+=("\"sha256:$d\"")

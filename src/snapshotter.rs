@@ -407,6 +407,7 @@ impl Snapshotter {
                 labels.insert(BASE_LABEL.to_string(), current);
             }
             if let Some(p) = &rebased {
+                tracing::debug!(key, parent, "rebased at commit");
                 tx.set_parent(now.id, p.id)?;
                 if now.base.is_none() && p.base.is_some() {
                     tx.set_base(now.id, p.base.as_deref())?;

@@ -88,6 +88,8 @@ async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
         &[
             "--containerd",
             &socket,
+            "--namespace",
+            &ctd.ns,
             "--snapshotter",
             "overlayfs",
             "--snapshotter",

@@ -10,7 +10,7 @@ use std::fs;
 
 use std::path::Path;
 
-use common::containerd::{eventually, Containerd, Generation, NS};
+use common::containerd::{eventually, Containerd, Generation};
 use common::{Backend, Daemon};
 
 /// What a container sees of the test image (see scripts/mkimage.sh):
@@ -122,7 +122,7 @@ async fn an_image_unpacks_through_ontop_and_ctr_shows_its_chain() {
     assert!(list
         .snapshots
         .iter()
-        .all(|s| s.key.starts_with(&format!("{NS}/"))));
+        .all(|s| s.key.starts_with(&format!("{}/", ctd.ns))));
 
     // mounts: an active snapshot on the image's top layer, as ctr prints it.
     ctd.snapshots(&["prepare", "work", top[0]]);
@@ -241,7 +241,7 @@ async fn ctr_snapshot_commands_drive_ontop_directly() {
         .unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert!(
-        keys[0].starts_with(&format!("{NS}/")) && keys[0].ends_with("/layer-3"),
+        keys[0].starts_with(&format!("{}/", ctd.ns)) && keys[0].ends_with("/layer-3"),
         "{keys:?}"
     );
 
@@ -348,6 +348,154 @@ async fn a_container_runs_on_a_host_directory_under_the_image_layers() {
         common::tree_state(&host),
         before,
         "the host directory was modified"
+    );
+}
+
+/// What a container sees of its whole root filesystem: every path's type,
+/// mode, owner, and its link target or content digest.
+const ROOTFS_MANIFEST: &str = r#"find / -xdev | sort | while read -r f; do
+  t=$(stat -c %F "$f")
+  printf '%s %s %s ' "$f" "$t" "$(stat -c '%a %u:%g' "$f")"
+  case "$t" in
+    "symbolic link") readlink "$f" ;;
+    regular*) md5sum < "$f" ;;
+    *) echo ;;
+  esac
+done"#;
+
+/// containerd 2.2+ with `max_concurrent_unpacks > 1` pulls an image by
+/// unpacking its layers concurrently, each into a snapshot prepared
+/// without its parent, which Commit rebases (ontop declares `rebase`).
+/// The seven-layer image stacks whiteouts, opaque dirs, and mode and
+/// owner changes on each other, so a lost whiteout or a layer applied
+/// against the wrong parent shows. The rootfs must be the same from a
+/// sequential unpack (import), from the parallel pull, and from
+/// containerd's own overlayfs pulling in parallel too. containerd 1.6
+/// unpacks sequentially either way, and must agree as well.
+async fn parallel_unpack_gives_the_rootfs_of_a_sequential_one_and_of_containerds_overlayfs() {
+    use common::containerd::{deep_image_archive, DEEP_IMAGE};
+    let d = Daemon::start().await;
+    let parallel = ctd_generation() == Generation::Two;
+    let extra = match parallel {
+        true => "[plugins.\"io.containerd.transfer.v1.local\"]\n  max_concurrent_unpacks = 4\n",
+        false => "",
+    };
+    let ctd = Containerd::start_with(&d, extra).await;
+    let registry = common::registry::Registry::start(&d.dir.path().join("registry"));
+    let tar = deep_image_archive();
+    let pulled = registry.push(tar, "ontop/deep:latest");
+    let tar = tar.display().to_string();
+
+    // Each in a namespace of its own, so each unpacks every layer.
+    ctd.ctr_ok_in("seq", &["images", "import", "--snapshotter", "ontop", &tar]);
+    let rebased_before = d.log().matches("rebased at commit").count();
+    let pull = |ns: &str, snapshotter: &str| {
+        ctd.ctr_ok_in(
+            ns,
+            &[
+                "images",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                snapshotter,
+                &pulled,
+            ],
+        );
+    };
+    pull("par", "ontop");
+    let rebased = d.log().matches("rebased at commit").count() - rebased_before;
+    pull("ovl", "overlayfs");
+    // Layers 2 to 7 are each rebased when they unpack in parallel.
+    assert_eq!(rebased, if parallel { 6 } else { 0 }, "{}", d.log());
+
+    let rootfs = |ns: &str, snapshotter: &str, image: &str| {
+        ctd.ctr_ok_in(
+            ns,
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                snapshotter,
+                image,
+                "look",
+                "sh",
+                "-c",
+                ROOTFS_MANIFEST,
+            ],
+        )
+    };
+    let sequential = rootfs("seq", "ontop", DEEP_IMAGE);
+    let concurrent = rootfs("par", "ontop", &pulled);
+    let overlayfs = rootfs("ovl", "overlayfs", &pulled);
+    assert_same_tree(
+        "ontop, sequential",
+        &sequential,
+        "ontop, pulled",
+        &concurrent,
+    );
+    assert_same_tree(
+        "ontop, pulled",
+        &concurrent,
+        "overlayfs, pulled",
+        &overlayfs,
+    );
+
+    // And the tree is the image's, not three copies of one mistake.
+    for line in [
+        "/added directory 755 0:0",
+        "/data/keep.txt regular file 640 0:42",
+        "/deep directory 711 9:9",
+        "/deep/final regular file 644 0:0",
+        "/empty-file regular empty file 0 0:0",
+        "/modes/file regular file 604 2000:3000",
+        "/olddir/c/inner regular file 644 0:0",
+        "/setuid regular file 4755 0:0",
+        "/symdir symbolic link 777 0:0 /deep",
+        "/tmp directory 770 5:5",
+    ] {
+        assert!(
+            sequential.lines().any(|l| l.starts_with(line)),
+            "{line:?} is missing from:\n{sequential}"
+        );
+    }
+    for gone in [
+        "/links/sym ",
+        "/added/other.txt",
+        "/added/new.txt",
+        "/deep/a",
+        "/deep/c",
+        "/bin/vi ",
+        "/olddir/a",
+        "/data/delete-me.txt",
+    ] {
+        assert!(
+            !sequential.lines().any(|l| l.starts_with(gone)),
+            "{gone:?} should be gone:\n{sequential}"
+        );
+    }
+}
+
+fn ctd_generation() -> Generation {
+    common::containerd::generation()
+}
+
+/// Fails with the entries only one of two rootfs manifests has.
+fn assert_same_tree(a_name: &str, a: &str, b_name: &str, b: &str) {
+    if a == b {
+        return;
+    }
+    let only = |x: &str, y: &str| -> Vec<String> {
+        let y: std::collections::HashSet<&str> = y.lines().collect();
+        x.lines()
+            .filter(|l| !y.contains(l))
+            .take(10)
+            .map(|l| format!("  {l}"))
+            .collect()
+    };
+    panic!(
+        "the rootfs differs.\nonly in {a_name}:\n{}\nonly in {b_name}:\n{}",
+        only(a, b).join("\n"),
+        only(b, a).join("\n")
     );
 }
 
@@ -513,15 +661,9 @@ async fn garbage_collection_finishes_across_ontop_restarts_and_crashes() {
     .await;
 
     // Remove the image, its collection running while ontop dies.
-    let socket = ctd.socket.clone();
-    let rm = std::thread::spawn(move || {
-        std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&socket)
-            .args(["--namespace", common::containerd::NS])
-            .args(["images", "rm", "--sync", common::containerd::IMAGE])
-            .output()
-    });
+    let mut rm = ctd.ctr_command(&ctd.ns);
+    rm.args(["images", "rm", "--sync", common::containerd::IMAGE]);
+    let rm = std::thread::spawn(move || rm.output());
     tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(0..30))).await;
     d.kill();
     d.spawn().await;
@@ -544,4 +686,5 @@ on_every_containerd!(
     a_container_runs_on_a_host_directory_under_the_image_layers,
     user_namespaced_containers_see_the_image_owners_mapped,
     without_remap_ids_containerd_2_maps_by_copying_and_ontop_does_not_map_twice,
+    parallel_unpack_gives_the_rootfs_of_a_sequential_one_and_of_containerds_overlayfs,
 );

@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use super::Daemon;
 
-/// The namespace tests work in; containerd prefixes every key with it.
+/// The prefix of the namespace tests work in; containerd prefixes every
+/// key with the namespace. runc keeps containers by namespace and id in
+/// one place for every containerd, so each test's namespace is its own
+/// (see `Containerd::ns`).
 pub const NS: &str = "ontop-test";
 pub const IMAGE: &str = "docker.io/ontop/e2e:latest";
 
@@ -102,27 +105,40 @@ pub fn path_env() -> std::ffi::OsString {
 /// `scripts/mkimage.sh` into cargo's scratch dir for tests.
 pub fn image_archive() -> &'static Path {
     static IMAGE_TAR: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE_TAR.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-image.tar");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkimage.sh");
-        let res = Command::new("bash")
-            .arg(&script)
-            .arg(&out)
-            .arg(IMAGE)
-            .output()
-            .expect("running mkimage.sh");
-        assert!(
-            res.status.success(),
-            "mkimage.sh failed: {}",
-            String::from_utf8_lossy(&res.stderr)
-        );
-        out
-    })
+    IMAGE_TAR.get_or_init(|| build_image("e2e-image.tar", IMAGE, ""))
+}
+
+pub const DEEP_IMAGE: &str = "docker.io/ontop/deep:latest";
+
+/// The seven-layer image (`mkimage.sh ... deep`), for parallel unpack.
+pub fn deep_image_archive() -> &'static Path {
+    static IMAGE_TAR: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE_TAR.get_or_init(|| build_image("deep-image.tar", DEEP_IMAGE, "deep"))
+}
+
+fn build_image(file: &str, name: &str, variant: &str) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(file);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkimage.sh");
+    let res = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .arg(name)
+        .arg(variant)
+        .output()
+        .expect("running mkimage.sh");
+    assert!(
+        res.status.success(),
+        "mkimage.sh failed: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    out
 }
 
 pub struct Containerd {
     pub dir: PathBuf,
     pub socket: PathBuf,
+    /// `ontop-test-<test dir>`: concurrent tests must not meet in runc.
+    pub ns: String,
     pub generation: Generation,
     /// The TOML containerd runs with.
     pub config: String,
@@ -164,7 +180,9 @@ impl Containerd {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting containerd");
+        let unique = ontop.dir.path().file_name().unwrap().to_string_lossy();
         let mut c = Containerd {
+            ns: format!("{NS}-{}", unique.trim_start_matches("ontop-test-")),
             dir,
             socket,
             generation,
@@ -197,19 +215,42 @@ impl Containerd {
 
     /// Runs `ctr` against this containerd in the test namespace.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new(&self.ctr)
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", NS])
+        self.ctr_in(&self.ns, args)
+    }
+
+    /// Runs `ctr` against this containerd in namespace `ns` (made unique
+    /// to this test).
+    pub fn ctr_in(&self, ns: &str, args: &[&str]) -> Output {
+        self.ctr_command(ns)
             .args(args)
             .stdin(Stdio::null())
             .output()
             .expect("running ctr")
     }
 
+    /// This generation's `ctr`, on this containerd, in namespace `ns`
+    /// (made unique to this test).
+    pub fn ctr_command(&self, ns: &str) -> Command {
+        let ns = if ns.starts_with(&self.ns) {
+            ns.to_string()
+        } else {
+            format!("{}-{ns}", self.ns)
+        };
+        let mut cmd = Command::new(&self.ctr);
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", &ns]);
+        cmd
+    }
+
     /// Runs `ctr`, fails the test unless it succeeds, returns its stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
+        self.ctr_ok_in(&self.ns, args)
+    }
+
+    /// `ctr_ok` in namespace `ns`.
+    pub fn ctr_ok_in(&self, ns: &str, args: &[&str]) -> String {
+        let out = self.ctr_in(ns, args);
         assert!(
             out.status.success(),
             "ctr {args:?} failed: {}{}\n--- containerd log tail:\n{}",

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod registry;
 
 use std::collections::HashMap;
 use std::future::Future;
