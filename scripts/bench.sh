@@ -9,16 +9,21 @@
 #      rescans every snapshot directory), ontop with its defaults;
 #   2. through containerd: its built-in overlayfs against ontop behind
 #      [proxy_plugins], in an isolated containerd, plus image import
-#      (unpack) and `ctr run` of the test image.
+#      (unpack) and `ctr run` of the test image;
+#   3. through containerd 2.x (ONTOP_CONTAINERD2_BIN, as scripts/test.sh
+#      finds it) with max_concurrent_unpacks = 4: the seven-layer image
+#      imported (sequential unpack) and pulled from a local registry
+#      (parallel unpack, ontop's `rebase`), overlayfs against ontop.
 #
 # Usage: bash scripts/bench.sh [--quick]
 # REFPROXY (default ../shared/tools/refproxy) is the refproxy binary.
-# Results: target/bench/direct.json and target/bench/containerd.json.
+# Results: target/bench/{direct,containerd,containerd2}.json.
 source "$(dirname "$0")/lib.sh"
 require_root
 install_build_deps
-apt_install containerd runc busybox-static tar coreutils
+apt_install containerd runc busybox-static tar coreutils docker-registry skopeo curl
 require_overlayfs
+ensure_containerd2
 
 quick=()
 [ "${1:-}" = --quick ] && quick=(--quick)
@@ -39,8 +44,12 @@ echo "== 2. through containerd: built-in overlayfs against ontop"
 work=$(mktemp -d /tmp/ontop-bench-containerd.XXXXXX)
 cleanup() {
   set +e
-  [ -f "$work/run/containerd.pid" ] && kill "$(cat "$work/run/containerd.pid")" 2>/dev/null
+  for pidfile in "$work"/run*/containerd.pid; do
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null
+  done
   [ -n "${ontop_pid:-}" ] && kill "$ontop_pid" 2>/dev/null
+  [ -n "${ontop2_pid:-}" ] && kill "$ontop2_pid" 2>/dev/null
+  [ -n "${registry_pid:-}" ] && kill "$registry_pid" 2>/dev/null
   sleep 1
   grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
   rm -rf "$work"
@@ -49,7 +58,7 @@ trap cleanup EXIT
 "$ontop" serve --root "$work/ontop" --address "$work/ontop.sock" --log-level warn \
   >"$work/ontop.log" 2>&1 &
 ontop_pid=$!
-start_isolated_containerd "$work/run" "$work/containerd" "$work/ontop.sock" "$work/containerd.log"
+start_isolated_containerd "$work/run" "$work/containerd" "$ontop" "$work/ontop.sock" "$work/containerd.log"
 # containerd's own List asks the snapshotter to Stat each snapshot, one
 # round trip each for a proxy plugin: at 100k that run alone would take many
 # minutes, so this run stops at 10k.
@@ -61,3 +70,33 @@ image=$(bash scripts/mkimage.sh "$work/image.tar" docker.io/ontop/bench:latest)
   --snapshotter overlayfs --snapshotter ontop \
   "${through_containerd[@]}" \
   --image "$image=$work/image.tar"
+
+echo "== 3. through containerd 2.x: sequential and parallel unpack, overlayfs against ontop"
+[ -n "${ONTOP_CONTAINERD2_BIN:-}" ] || die "no containerd 2.x: set ONTOP_CONTAINERD2_BIN"
+"$ontop" serve --root "$work/ontop2" --address "$work/ontop2.sock" --log-level warn \
+  >"$work/ontop2.log" 2>&1 &
+ontop2_pid=$!
+PATH="$ONTOP_CONTAINERD2_BIN:$PATH" start_isolated_containerd "$work/run2" "$work/containerd2" \
+  "$ontop" "$work/ontop2.sock" "$work/containerd2.log" \
+  $'[plugins."io.containerd.transfer.v1.local"]\n  max_concurrent_unpacks = 4'
+mkdir -p "$work/registry"
+cat > "$work/registry/config.yml" <<YAML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $work/registry/data
+http:
+  addr: 127.0.0.1:5099
+YAML
+docker-registry serve "$work/registry/config.yml" >"$work/registry.log" 2>&1 &
+registry_pid=$!
+deep=$(bash scripts/mkimage.sh "$work/deep.tar" docker.io/ontop/deep:latest deep)
+for _ in $(seq 50); do curl -fs http://127.0.0.1:5099/v2/ >/dev/null && break; sleep 0.1; done
+skopeo --insecure-policy copy --dest-tls-verify=false "oci-archive:$work/deep.tar" \
+  docker://127.0.0.1:5099/ontop/deep:latest >/dev/null
+PATH="$ONTOP_CONTAINERD2_BIN:$PATH" "$ontop" bench "${quick[@]}" --json "$out/containerd2.json" \
+  --containerd "$work/run2/containerd.sock" \
+  --snapshotter overlayfs --snapshotter ontop --only image \
+  --image "$deep=$work/deep.tar" --pull 127.0.0.1:5099/ontop/deep:latest

@@ -48,11 +48,11 @@ containerd_major() {
 # Writes the config of a containerd isolated from the system one, with
 # ontop as a proxy snapshotter (the fragment `ontop containerd-config`
 # prints for the containerd on PATH), and starts it in the background.
-#   start_isolated_containerd DIR ROOT ONTOP ONTOP_SOCKET LOG
+#   start_isolated_containerd DIR ROOT ONTOP ONTOP_SOCKET LOG [EXTRA]
 # DIR holds its sockets, state, config and pid file; ROOT is its root;
-# ONTOP is the ontop binary.
+# ONTOP is the ontop binary; EXTRA is more TOML for the config.
 start_isolated_containerd() {
-  local dir=$1 root=$2 ontop=$3 ontop_socket=$4 log=$5
+  local dir=$1 root=$2 ontop=$3 ontop_socket=$4 log=$5 extra=${6:-}
   local version=2 disabled='"io.containerd.grpc.v1.cri"'
   if [ "$(containerd_major)" -ge 2 ]; then
     version=3
@@ -73,6 +73,7 @@ disabled_plugins = [$disabled]
   address = "$dir/debug.sock"
 [plugins."io.containerd.internal.v1.opt"]
   path = "$root/opt"
+$extra
 
 TOML
     "$ontop" containerd-config --containerd-version auto --address "$ontop_socket"

@@ -9,9 +9,10 @@ install_build_deps
 # test image from busybox-static. Every mount suite also runs on
 # fuse-overlayfs; the rootless suite needs useradd, setpriv, unshare and
 # nsenter; the disk-full test makes an ext4 image (e2fsprogs); the
-# clients test installs Python's grpcio from PyPI into a venv.
+# clients test installs Python's grpcio from PyPI into a venv; the parallel
+# unpack and bench tests pull from a local docker-registry fed by skopeo.
 apt_install util-linux passwd e2fsprogs containerd runc busybox-static tar coreutils fuse-overlayfs fuse3 \
-  python3 python3-venv
+  python3 python3-venv docker-registry skopeo
 require_overlayfs
 require_fuse
 ensure_containerd2

@@ -99,6 +99,11 @@ struct BenchArgs {
     /// --snapshotter target, as REF=TAR (REF is the name in the archive).
     #[arg(long, value_name = "REF=TAR")]
     image: Option<String>,
+    /// The same image in a registry, pulled over plain http through each
+    /// --snapshotter target. On containerd 2.2+ with the transfer service's
+    /// max_concurrent_unpacks > 1, layers unpack in parallel.
+    #[arg(long, value_name = "REF")]
+    pull: Option<String>,
 }
 
 impl BenchArgs {
@@ -145,6 +150,7 @@ impl BenchArgs {
                 }
                 sizes
             },
+            pull: self.pull,
             json: self.json,
             scratch: self.scratch,
             only: self.only,

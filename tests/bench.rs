@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::containerd::{image_archive, Containerd, IMAGE};
+use common::containerd::{image_archive, Containerd, Generation, IMAGE};
 use common::{Daemon, BIN};
 
 /// Runs `ontop bench --quick ARGS --json FILE` and returns the JSON rows'
@@ -80,7 +80,19 @@ async fn quick_bench_runs_every_workload_against_a_daemon_it_starts() {
 
 async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
     let d = Daemon::start().await;
-    let ctd = Containerd::start(&d).await;
+    // containerd 2 pulls with parallel unpack; 1.6 ignores the section.
+    let ctd = match common::containerd::generation() {
+        Generation::Two => {
+            Containerd::start_with(
+                &d,
+                "[plugins.\"io.containerd.transfer.v1.local\"]\n  max_concurrent_unpacks = 4\n",
+            )
+            .await
+        }
+        Generation::One => Containerd::start(&d).await,
+    };
+    let registry = common::registry::Registry::start(&d.dir.path().join("registry"));
+    let pulled = registry.push(image_archive(), "ontop/e2e:latest");
     let image = format!("{IMAGE}={}", image_archive().display());
     let socket = ctd.socket.display().to_string();
     let rows = bench(
@@ -98,10 +110,18 @@ async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
             "chain,lookups,image",
             "--image",
             &image,
+            "--pull",
+            &pulled,
         ],
     );
     for target in ["overlayfs via containerd", "ontop via containerd"] {
-        for workload in ["chain: layer", "stat at", "image: import", "image: ctr run"] {
+        for workload in [
+            "chain: layer",
+            "stat at",
+            "image: import",
+            "image: ctr run",
+            "image: pull",
+        ] {
             assert!(
                 has(&rows, workload, target),
                 "no {workload:?} for {target} in {rows:?}"

@@ -92,6 +92,11 @@ pub struct Plan {
     /// An image archive, as `REF=TAR`, to import and run through each
     /// containerd target with `ctr`.
     pub image: Option<(String, PathBuf)>,
+    /// The same image in a registry (plain http), to pull through each
+    /// containerd target: containerd 2.2+ unpacks its layers in parallel
+    /// when its transfer service has `max_concurrent_unpacks > 1` and the
+    /// snapshotter declares `rebase`.
+    pub pull: Option<String>,
 }
 
 pub async fn run(plan: Plan) -> anyhow::Result<Vec<Row>> {

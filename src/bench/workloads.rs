@@ -225,6 +225,36 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
         report("image: ctr run --rm", "ms", start);
     }
 
+    // 6b. The same image pulled from a registry: fetch and unpack, which
+    //     containerd 2.2+ can run in parallel (see `Plan::pull`), where
+    //     import unpacks one layer after the other.
+    if let (Some(reference), true) = (&plan.pull, wants("image")) {
+        let mut pull = vec![Series::default(); targets.len()];
+        for _ in 0..sizes.image_reps {
+            for (i, t) in targets.iter().enumerate() {
+                let Some((socket, snapshotter)) = t.via_containerd() else {
+                    continue;
+                };
+                let ctr = Ctr {
+                    socket,
+                    namespace: format!("{}-pull-{snapshotter}", plan.namespace),
+                    snapshotter,
+                };
+                let pulled = ctr.time(&[
+                    "images",
+                    "pull",
+                    "--plain-http",
+                    "--snapshotter",
+                    snapshotter,
+                    reference,
+                ])?;
+                pull[i].add(pulled);
+                ctr.time(&["images", "rm", "--sync", reference])?;
+            }
+        }
+        report("image: pull (fetch, unpack)", "ms", pull);
+    }
+
     // 7. Teardown, children first, as containerd's GC does it: one at a
     //    time for a sample and the chains; the bulk, at concurrency, only
     //    where the daemon outlives the bench.
@@ -283,7 +313,7 @@ impl Ctr<'_> {
             .args(["--namespace", &self.namespace])
             .args(args)
             .output()
-            .context("running ctr (Debian package containerd)")?;
+            .context("running ctr (it comes with containerd)")?;
         let took = started.elapsed();
         if !out.status.success() {
             return Err(anyhow!(
