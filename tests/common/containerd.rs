@@ -119,17 +119,13 @@ pub fn deep_image_archive() -> &'static Path {
 fn build_image(file: &str, name: &str, variant: &str) -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(file);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkimage.sh");
-    let res = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .arg(name)
-        .arg(variant)
-        .output()
-        .expect("running mkimage.sh");
-    assert!(
-        res.status.success(),
-        "mkimage.sh failed: {}",
-        String::from_utf8_lossy(&res.stderr)
+    super::stdout_of(
+        Command::new("bash")
+            .arg(&script)
+            .arg(&out)
+            .arg(name)
+            .arg(variant),
+        "mkimage.sh",
     );
     out
 }

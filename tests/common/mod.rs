@@ -421,24 +421,19 @@ impl Daemon {
     /// containerd generation, found as a user would (`auto`: the first
     /// `containerd` on PATH), with `flags` added.
     pub fn containerd_config(&self, flags: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .args(["containerd-config", "--containerd-version", "auto"])
-            .arg("--config")
-            .arg(self.dir.path().join("config.toml"))
-            .arg("--address")
-            .arg(&self.socket)
-            .arg("--root")
-            .arg(&self.root)
-            .args(flags)
-            .env("PATH", containerd::path_env())
-            .output()
-            .expect("running ontop containerd-config");
-        assert!(
-            out.status.success(),
-            "ontop containerd-config: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        stdout_of(
+            Command::new(BIN)
+                .args(["containerd-config", "--containerd-version", "auto"])
+                .arg("--config")
+                .arg(self.dir.path().join("config.toml"))
+                .arg("--address")
+                .arg(&self.socket)
+                .arg("--root")
+                .arg(&self.root)
+                .args(flags)
+                .env("PATH", containerd::path_env()),
+            "ontop containerd-config",
+        )
     }
 
     /// Where host base directories may live (see `start_with_bases`).
@@ -637,6 +632,20 @@ impl Client {
         unmount(&target);
         self.commit(name, &key).await.unwrap();
     }
+}
+
+/// Runs `cmd`, failing the test with `what` and its stderr unless it
+/// succeeds; returns its stdout.
+pub fn stdout_of(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The gRPC code of a result, for error-table assertions.

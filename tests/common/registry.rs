@@ -68,16 +68,12 @@ impl Registry {
     /// reference to pull.
     pub fn push(&self, tar: &Path, name: &str) -> String {
         let reference = format!("{}/{name}", self.host);
-        let out = Command::new("skopeo")
-            .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-            .arg(format!("oci-archive:{}", tar.display()))
-            .arg(format!("docker://{reference}"))
-            .output()
-            .expect("running skopeo");
-        assert!(
-            out.status.success(),
-            "skopeo copy: {}",
-            String::from_utf8_lossy(&out.stderr)
+        super::stdout_of(
+            Command::new("skopeo")
+                .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+                .arg(format!("oci-archive:{}", tar.display()))
+                .arg(format!("docker://{reference}")),
+            "skopeo copy",
         );
         reference
     }
