@@ -188,15 +188,8 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
         let mut unpack = vec![Series::default(); targets.len()];
         let mut start = unpack.clone();
         for rep in 0..sizes.image_reps {
-            for (i, t) in targets.iter().enumerate() {
-                let Some((socket, snapshotter)) = t.via_containerd() else {
-                    continue;
-                };
-                let ctr = Ctr {
-                    socket,
-                    namespace: format!("{}-{snapshotter}", plan.namespace),
-                    snapshotter,
-                };
+            for (i, ctr) in ctr_per_target(targets, &plan.namespace, "") {
+                let snapshotter = ctr.snapshotter;
                 let d = ctr.time(&[
                     "images",
                     "import",
@@ -231,15 +224,8 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
     if let (Some(reference), true) = (&plan.pull, wants("image")) {
         let mut pull = vec![Series::default(); targets.len()];
         for _ in 0..sizes.image_reps {
-            for (i, t) in targets.iter().enumerate() {
-                let Some((socket, snapshotter)) = t.via_containerd() else {
-                    continue;
-                };
-                let ctr = Ctr {
-                    socket,
-                    namespace: format!("{}-pull-{snapshotter}", plan.namespace),
-                    snapshotter,
-                };
+            for (i, ctr) in ctr_per_target(targets, &plan.namespace, "pull-") {
+                let snapshotter = ctr.snapshotter;
                 let pulled = ctr.time(&[
                     "images",
                     "pull",
@@ -297,6 +283,27 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
 }
 
 /// `ctr` against one containerd namespace.
+/// A `ctr` for each target reached through containerd, by index, each in
+/// a namespace of its own (`<namespace>-<prefix><snapshotter>`), so one
+/// target's images never spare another's unpack.
+fn ctr_per_target<'a>(
+    targets: &'a [Target],
+    namespace: &'a str,
+    prefix: &'a str,
+) -> impl Iterator<Item = (usize, Ctr<'a>)> + 'a {
+    targets.iter().enumerate().filter_map(move |(i, t)| {
+        let (socket, snapshotter) = t.via_containerd()?;
+        Some((
+            i,
+            Ctr {
+                socket,
+                namespace: format!("{namespace}-{prefix}{snapshotter}"),
+                snapshotter,
+            },
+        ))
+    })
+}
+
 struct Ctr<'a> {
     socket: &'a Path,
     namespace: String,
