@@ -30,8 +30,9 @@ pub struct Version {
 }
 
 impl Version {
-    /// Parses `1`, `2`, `2.1` or `v2.3.4`. A bare major means its newest
-    /// minor that this code knows of.
+    /// Parses `1`, `2`, `2.1` or `v2.3.4`. A bare major means its first
+    /// release, whose config every later one accepts: `2` leaves out what
+    /// needs 2.2 or 2.3 (`rebase`, the EROFS unpack entry).
     pub fn parse(s: &str) -> anyhow::Result<Version> {
         let s = s.trim().trim_start_matches('v');
         let mut parts = s.split(['.', '~', '-', '+']);
@@ -41,8 +42,8 @@ impl Version {
         };
         let minor = match (major, number(parts.next())) {
             (_, Some(minor)) => minor,
-            (1, None) => 7,
-            (_, None) => 3,
+            (1, None) => 6,
+            (_, None) => 0,
         };
         if !(1..=2).contains(&major) {
             bail!("containerd {major}.x is not known to ontop; pass --containerd-version 1 or 2");
@@ -121,7 +122,11 @@ pub fn render(f: &Fragment<'_>) -> String {
     );
     let _ = writeln!(out, "[proxy_plugins.{}]", key(f.name));
     let _ = writeln!(out, "  type = \"snapshot\"");
-    let _ = writeln!(out, "  address = {}", string(f.address));
+    let _ = writeln!(
+        out,
+        "  address = {}",
+        string(&f.address.display().to_string())
+    );
     if v.major >= 2 {
         let caps: Vec<String> = capabilities(v, f.remap_ids)
             .into_iter()
@@ -131,7 +136,7 @@ pub fn render(f: &Fragment<'_>) -> String {
         let _ = writeln!(
             out,
             "  # CRI reports this to kubelet as the image filesystem.\n  exports = {{ root = {} }}",
-            string(f.root)
+            string(&f.root.display().to_string())
         );
         out.push_str(
             "\n# Images unpack only into the snapshotters listed here, and this list\n\
@@ -194,14 +199,14 @@ fn key(name: &str) -> String {
     if bare {
         name.to_string()
     } else {
-        string(Path::new(name))
+        string(name)
     }
 }
 
 /// A TOML basic string.
-fn string(p: &Path) -> String {
+fn string(text: &str) -> String {
     let mut s = String::from("\"");
-    for c in p.display().to_string().chars() {
+    for c in text.chars() {
         match c {
             '"' => s.push_str("\\\""),
             '\\' => s.push_str("\\\\"),
@@ -237,8 +242,8 @@ mod tests {
         assert_eq!(Version::parse("1.6.20~ds1").unwrap(), v(1, 6));
         assert_eq!(Version::parse("2.3.4").unwrap(), v(2, 3));
         assert_eq!(Version::parse("v2.1.0-rc.1").unwrap(), v(2, 1));
-        assert_eq!(Version::parse("2").unwrap(), v(2, 3));
-        assert_eq!(Version::parse("1").unwrap(), v(1, 7));
+        assert_eq!(Version::parse("2").unwrap(), v(2, 0));
+        assert_eq!(Version::parse("1").unwrap(), v(1, 6));
         assert!(Version::parse("3.0").is_err());
         assert!(Version::parse("latest").is_err());
     }

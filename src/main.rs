@@ -169,8 +169,9 @@ impl BenchArgs {
 
 #[derive(Args)]
 struct ContainerdConfigArgs {
-    /// The containerd to configure: 1, 2, a release such as 2.1, or auto
-    /// (ask `containerd --version` on PATH).
+    /// The containerd to configure: auto (ask `containerd --version` on
+    /// PATH), a release such as 2.3, or 1 or 2 for any of that generation
+    /// (2 leaves out what needs 2.2 or later, such as parallel unpack).
     #[arg(long, default_value = "auto", value_name = "auto|1|2|X.Y")]
     containerd_version: String,
     /// Also make ontop CRI's (Kubernetes') default snapshotter.

@@ -375,7 +375,7 @@ done"#;
 async fn parallel_unpack_gives_the_rootfs_of_a_sequential_one_and_of_containerds_overlayfs() {
     use common::containerd::{deep_image_archive, DEEP_IMAGE};
     let d = Daemon::start().await;
-    let parallel = ctd_generation() == Generation::Two;
+    let parallel = common::containerd::generation() == Generation::Two;
     let extra = match parallel {
         true => "[plugins.\"io.containerd.transfer.v1.local\"]\n  max_concurrent_unpacks = 4\n",
         false => "",
@@ -473,10 +473,6 @@ async fn parallel_unpack_gives_the_rootfs_of_a_sequential_one_and_of_containerds
             "{gone:?} should be gone:\n{sequential}"
         );
     }
-}
-
-fn ctd_generation() -> Generation {
-    common::containerd::generation()
 }
 
 /// Fails with the entries only one of two rootfs manifests has.

@@ -136,8 +136,6 @@ pub struct Containerd {
     /// `ontop-test-<test dir>`: concurrent tests must not meet in runc.
     pub ns: String,
     pub generation: Generation,
-    /// The TOML containerd runs with.
-    pub config: String,
     ctr: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -166,7 +164,7 @@ impl Containerd {
             head(generation, &dir),
             ontop.containerd_config(&[])
         );
-        std::fs::write(dir.join("config.toml"), &config).unwrap();
+        std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = dir.join("containerd.log");
         let child = Command::new(bin.join("containerd"))
             .arg("--config")
@@ -182,7 +180,6 @@ impl Containerd {
             dir,
             socket,
             generation,
-            config,
             ctr: bin.join("ctr"),
             log,
             child: Some(child),
