@@ -21,7 +21,10 @@
 #            a whiteout of layer 4's file and of an applet, a directory's
 #            mode and owner changed
 #
-# Usage: mkimage.sh OUT.tar [IMAGE-NAME] [deep]
+# With "pause", only layer 1, and a command that sleeps: a sandbox
+# ("pause") image for CRI pods.
+#
+# Usage: mkimage.sh OUT.tar [IMAGE-NAME] [deep|pause]
 # The expected view from inside a container is in tests/containerd.rs.
 set -euo pipefail
 
@@ -98,6 +101,11 @@ ln -s target "$l3/links/sym"
 ln -s /data/keep.txt "$l3/links/abs"
 
 stack=("$l1" "$l2" "$l3")
+cmd='["/bin/sh"]'
+if [ "$variant" = pause ]; then
+  stack=("$l1")
+  cmd='["/bin/sleep","2147483647"]'
+fi
 if [ "$variant" = deep ]; then
   l4=$work/l4
   mkdir -p "$l4"/{links,added,data,modes,deep/a/b}
@@ -156,7 +164,7 @@ done
 join() { local IFS=,; echo "$*"; }
 
 cat > "$work/config.json" <<EOF
-{"architecture":"$arch","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["/bin/sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":[$(join "${diff_ids[@]}")]}}
+{"architecture":"$arch","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":$cmd,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":[$(join "${diff_ids[@]}")]}}
 EOF
 read -r cd cs < <(blob "$work/config.json")
 

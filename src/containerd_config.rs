@@ -160,6 +160,7 @@ pub fn render(f: &Fragment<'_>) -> String {
             }
         }
     }
+    // Last, so that keys written after the fragment land in this table.
     if f.cri {
         let section = if v.major >= 2 {
             "plugins.\"io.containerd.cri.v1.images\""
@@ -168,7 +169,8 @@ pub fn render(f: &Fragment<'_>) -> String {
         };
         let _ = writeln!(
             out,
-            "\n# CRI (Kubernetes): ontop is the default snapshotter."
+            "\n# CRI (Kubernetes): ontop is the default snapshotter. A table may appear\n\
+             # once: if your config has this one, set snapshotter there instead."
         );
         let _ = writeln!(out, "[{section}]\n  snapshotter = \"{}\"", f.name);
     }
@@ -268,7 +270,8 @@ mod tests {
   type = "snapshot"
   address = "/run/ontop/ontop.sock"
 
-# CRI (Kubernetes): ontop is the default snapshotter.
+# CRI (Kubernetes): ontop is the default snapshotter. A table may appear
+# once: if your config has this one, set snapshotter there instead.
 [plugins."io.containerd.grpc.v1.cri".containerd]
   snapshotter = "ontop"
 "#
@@ -305,7 +308,8 @@ mod tests {
   snapshotter = "ontop"
   differ = "walking"
 
-# CRI (Kubernetes): ontop is the default snapshotter.
+# CRI (Kubernetes): ontop is the default snapshotter. A table may appear
+# once: if your config has this one, set snapshotter there instead.
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "ontop"
 "#

@@ -10,41 +10,8 @@ use std::fs;
 
 use std::path::Path;
 
-use common::containerd::{eventually, Containerd, Generation};
+use common::containerd::{eventually, Containerd, Generation, ROOTFS_CHECK, ROOTFS_EXPECTED};
 use common::{Backend, Daemon};
-
-/// What a container sees of the test image (see scripts/mkimage.sh):
-/// layer 2's whiteout, opaque dir, mode and owner changes, and layer 3's
-/// links, over layer 1.
-const ROOTFS_CHECK: &str = r#"set -e
-cat /data/keep.txt
-ls /data
-ls /olddir
-stat -c '%a %u:%g %n' /modes/file /owner/file
-stat -c '%h %n' /links/hard
-[ "$(stat -c %i /links/hard)" = "$(stat -c %i /links/target)" ] && echo same-inode
-readlink /links/sym
-readlink /links/abs
-cat /links/sym /links/abs /added/new.txt
-test ! -e /data/delete-me.txt && echo deleted-is-absent
-echo written > /written && cat /written
-"#;
-
-const ROOTFS_EXPECTED: &str = "keep
-keep.txt
-c
-600 0:0 /modes/file
-644 1000:1000 /owner/file
-2 /links/hard
-same-inode
-target
-/data/keep.txt
-linked content
-keep
-new in layer 2
-deleted-is-absent
-written
-";
 
 async fn an_image_unpacks_through_ontop_and_ctr_shows_its_chain() {
     let d = Daemon::start().await;
@@ -387,11 +354,14 @@ async fn parallel_unpack_gives_the_rootfs_of_a_sequential_one_and_of_containerds
     let tar = tar.display().to_string();
 
     // Each in a namespace of its own, so each unpacks every layer.
-    ctd.ctr_ok_in("seq", &["images", "import", "--snapshotter", "ontop", &tar]);
+    ctd.ctr_ok_in(
+        &ctd.namespace("seq"),
+        &["images", "import", "--snapshotter", "ontop", &tar],
+    );
     let rebased_before = d.log().matches("rebased at commit").count();
     let pull = |ns: &str, snapshotter: &str| {
         ctd.ctr_ok_in(
-            ns,
+            &ctd.namespace(ns),
             &[
                 "images",
                 "pull",
@@ -410,7 +380,7 @@ async fn parallel_unpack_gives_the_rootfs_of_a_sequential_one_and_of_containerds
 
     let rootfs = |ns: &str, snapshotter: &str, image: &str| {
         ctd.ctr_ok_in(
-            ns,
+            &ctd.namespace(ns),
             &[
                 "run",
                 "--rm",

@@ -108,7 +108,47 @@ pub fn image_archive() -> &'static Path {
     IMAGE_TAR.get_or_init(|| build_image("e2e-image.tar", IMAGE, ""))
 }
 
+/// What a container sees of the test image (see scripts/mkimage.sh):
+/// layer 2's whiteout, opaque dir, mode and owner changes, and layer 3's
+/// links, over layer 1.
+pub const ROOTFS_CHECK: &str = r#"set -e
+cat /data/keep.txt
+ls /data
+ls /olddir
+stat -c '%a %u:%g %n' /modes/file /owner/file
+stat -c '%h %n' /links/hard
+[ "$(stat -c %i /links/hard)" = "$(stat -c %i /links/target)" ] && echo same-inode
+readlink /links/sym
+readlink /links/abs
+cat /links/sym /links/abs /added/new.txt
+test ! -e /data/delete-me.txt && echo deleted-is-absent
+echo written > /written && cat /written
+"#;
+
+pub const ROOTFS_EXPECTED: &str = "keep
+keep.txt
+c
+600 0:0 /modes/file
+644 1000:1000 /owner/file
+2 /links/hard
+same-inode
+target
+/data/keep.txt
+linked content
+keep
+new in layer 2
+deleted-is-absent
+written
+";
+
 pub const DEEP_IMAGE: &str = "docker.io/ontop/deep:latest";
+
+/// A one-layer image that sleeps (`mkimage.sh ... pause`): CRI's sandbox.
+pub fn pause_image_archive() -> &'static Path {
+    static IMAGE_TAR: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE_TAR
+        .get_or_init(|| build_image("pause-image.tar", "docker.io/ontop/pause:latest", "pause"))
+}
 
 /// The seven-layer image (`mkimage.sh ... deep`), for parallel unpack.
 pub fn deep_image_archive() -> &'static Path {
@@ -151,6 +191,22 @@ impl Containerd {
     /// As `start`, with `extra` TOML (in this generation's config version)
     /// before the fragment `ontop containerd-config` prints.
     pub async fn start_with(ontop: &Daemon, extra: &str) -> Containerd {
+        Containerd::launch(ontop, None, extra).await
+    }
+
+    /// containerd with CRI on and ontop its default snapshotter (the
+    /// fragment of `ontop containerd-config --cri`), pulling from the
+    /// plain-http `registry`, with `sandbox_image` for pods and a stats
+    /// poll (Usage of every active snapshot) every second.
+    pub async fn start_cri(ontop: &Daemon, registry: &str, sandbox_image: &str) -> Containerd {
+        let cri = Cri {
+            registry,
+            sandbox_image,
+        };
+        Containerd::launch(ontop, Some(&cri), "").await
+    }
+
+    async fn launch(ontop: &Daemon, cri: Option<&Cri<'_>>, extra: &str) -> Containerd {
         let generation = generation();
         let bin = bin_dir();
         let dir = ontop.dir.path().join(match generation {
@@ -159,10 +215,15 @@ impl Containerd {
         });
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("containerd.sock");
+        let (cri_before, cri_after) = match cri {
+            Some(cri) => cri.config(generation, &dir, ontop),
+            None => Default::default(),
+        };
+        let flags: &[&str] = if cri.is_some() { &["--cri"] } else { &[] };
         let config = format!(
-            "{}\n{extra}\n{}",
-            head(generation, &dir),
-            ontop.containerd_config(&[])
+            "{}\n{extra}\n{cri_before}\n{}{cri_after}",
+            head(generation, &dir, cri.is_some()),
+            ontop.containerd_config(flags)
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = dir.join("containerd.log");
@@ -211,8 +272,12 @@ impl Containerd {
         self.ctr_in(&self.ns, args)
     }
 
-    /// Runs `ctr` against this containerd in namespace `ns` (made unique
-    /// to this test).
+    /// A namespace of this test's own: `<ns>-<name>`.
+    pub fn namespace(&self, name: &str) -> String {
+        format!("{}-{name}", self.ns)
+    }
+
+    /// Runs `ctr` against this containerd in namespace `ns`.
     pub fn ctr_in(&self, ns: &str, args: &[&str]) -> Output {
         self.ctr_command(ns)
             .args(args)
@@ -221,19 +286,43 @@ impl Containerd {
             .expect("running ctr")
     }
 
-    /// This generation's `ctr`, on this containerd, in namespace `ns`
-    /// (made unique to this test).
+    /// This generation's `ctr`, on this containerd, in namespace `ns`.
     pub fn ctr_command(&self, ns: &str) -> Command {
-        let ns = if ns.starts_with(&self.ns) {
-            ns.to_string()
-        } else {
-            format!("{}-{ns}", self.ns)
-        };
         let mut cmd = Command::new(&self.ctr);
         cmd.arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", &ns]);
+            .args(["--namespace", ns]);
         cmd
+    }
+
+    /// Runs crictl against this containerd's CRI, as kubelet talks to it.
+    pub fn crictl(&self, args: &[&str]) -> Output {
+        let endpoint = format!("unix://{}", self.socket.display());
+        Command::new(crictl())
+            .args([
+                "--runtime-endpoint",
+                &endpoint,
+                "--image-endpoint",
+                &endpoint,
+            ])
+            .args(["--timeout", "60s"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running crictl")
+    }
+
+    /// `crictl`, failing the test unless it succeeds; returns its stdout.
+    pub fn crictl_ok(&self, args: &[&str]) -> String {
+        let out = self.crictl(args);
+        assert!(
+            out.status.success(),
+            "crictl {args:?} failed: {}{}\n--- containerd log tail:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs `ctr`, fails the test unless it succeeds, returns its stdout.
@@ -315,12 +404,14 @@ impl Drop for Containerd {
 }
 
 /// What a test's containerd config holds besides ontop's fragment: its
-/// own paths, CRI off, and a garbage collector that runs at once.
-fn head(generation: Generation, dir: &Path) -> String {
+/// own paths, CRI off unless asked for, and a garbage collector that runs
+/// at once.
+fn head(generation: Generation, dir: &Path, cri: bool) -> String {
     let d = dir.display();
-    let (version, disabled) = match generation {
-        Generation::One => (2, r#""io.containerd.grpc.v1.cri""#),
-        Generation::Two => (
+    let (version, disabled) = match (generation, cri) {
+        (_, true) => (if generation == Generation::One { 2 } else { 3 }, ""),
+        (Generation::One, false) => (2, r#""io.containerd.grpc.v1.cri""#),
+        (Generation::Two, false) => (
             3,
             r#""io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime""#,
         ),
@@ -346,6 +437,107 @@ disabled_plugins = [{disabled}]
   startup_delay = "100ms"
 "#
     )
+}
+
+/// crictl v1.36 (with containerd 2.x in `ONTOP_CONTAINERD2_BIN`), which
+/// speaks CRI v1 to containerd 1.6 as well.
+pub fn crictl() -> PathBuf {
+    let bin = on_containerd_2_bin().join("crictl");
+    assert!(
+        bin.is_file(),
+        "{} is missing: the CRI tests need crictl beside containerd 2.x in \
+         ONTOP_CONTAINERD2_BIN (scripts/test.sh provides both)",
+        bin.display()
+    );
+    bin
+}
+
+fn on_containerd_2_bin() -> PathBuf {
+    std::env::var_os("ONTOP_CONTAINERD2_BIN")
+        .map(PathBuf::from)
+        .expect("ONTOP_CONTAINERD2_BIN is not set: scripts/test.sh sets it")
+}
+
+/// What CRI needs to run pods here.
+struct Cri<'a> {
+    registry: &'a str,
+    sandbox_image: &'a str,
+}
+
+impl Cri<'_> {
+    /// The CRI settings: TOML to put before ontop's fragment, and keys
+    /// to put after it, which land in the fragment's last table, CRI's
+    /// (see `containerd_config::render`).
+    fn config(&self, generation: Generation, dir: &Path, ontop: &Daemon) -> (String, String) {
+        // The registry speaks plain http.
+        let hosts = dir.join("certs.d").join(self.registry);
+        std::fs::create_dir_all(&hosts).unwrap();
+        std::fs::write(
+            hosts.join("hosts.toml"),
+            format!(
+                "server = \"http://{r}\"\n[host.\"http://{r}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                r = self.registry
+            ),
+        )
+        .unwrap();
+        let restrict = !has_cap_sys_resource();
+        if restrict {
+            println!(
+                "no CAP_SYS_RESOURCE here: runc cannot lower a pod's oom_score_adj, so CRI runs \
+                 with restrict_oom_score_adj = true"
+            );
+        }
+        let (d, sandbox) = (dir.display(), self.sandbox_image);
+        match generation {
+            Generation::One => {
+                // CRI 1.x reports image-fs stats for
+                // <containerd root>/io.containerd.snapshotter.v1.<name>,
+                // where ontop's default root sits; here, a link to it.
+                std::fs::create_dir_all(dir.join("root")).unwrap();
+                std::os::unix::fs::symlink(
+                    &ontop.root,
+                    dir.join("root/io.containerd.snapshotter.v1.ontop"),
+                )
+                .unwrap();
+                (
+                    format!(
+                        r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox}"
+  stats_collect_period = 1
+  restrict_oom_score_adj = {restrict}
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "{d}/certs.d"
+"#
+                    ),
+                    String::new(),
+                )
+            }
+            Generation::Two => (
+                format!(
+                    r#"[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = {restrict}
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{sandbox}"
+[plugins."io.containerd.cri.v1.images".registry]
+  config_path = "{d}/certs.d"
+"#
+                ),
+                "  stats_collect_period = 1\n".to_string(),
+            ),
+        }
+    }
+}
+
+/// Whether this process may raise resource limits, which runc needs to
+/// set a pod's oom_score_adj below its own.
+fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
 }
 
 pub fn tail(s: &str, n: usize) -> String {
