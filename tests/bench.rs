@@ -68,6 +68,7 @@ async fn quick_bench_runs_every_workload_against_a_daemon_it_starts() {
         "peak rss",
         "start-up",
         "usage of",
+        "usage poll of",
         "teardown: remove",
         "teardown: cleanup",
     ] {

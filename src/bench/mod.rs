@@ -35,6 +35,11 @@ pub struct Sizes {
     pub image_reps: usize,
     pub usage_files: usize,
     pub usage_reps: usize,
+    /// CRI's stats poll: this many active snapshots of `poll_files`
+    /// files each, Usage on all of them per round.
+    pub poll_snapshots: usize,
+    pub poll_files: usize,
+    pub poll_rounds: usize,
     pub teardown_sample: usize,
 }
 
@@ -53,6 +58,9 @@ impl Sizes {
             image_reps: 5,
             usage_files: 100_000,
             usage_reps: 5,
+            poll_snapshots: 50,
+            poll_files: 2_000,
+            poll_rounds: 5,
             teardown_sample: 1_000,
         }
     }
@@ -72,6 +80,9 @@ impl Sizes {
             image_reps: 1,
             usage_files: 500,
             usage_reps: 2,
+            poll_snapshots: 3,
+            poll_files: 50,
+            poll_rounds: 2,
             teardown_sample: 50,
         }
     }

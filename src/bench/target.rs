@@ -96,6 +96,25 @@ impl Served {
         Ok(kb * 1024)
     }
 
+    /// CPU time the daemon has used, user and system, all threads (those
+    /// that exited included), at the kernel's tick (usually 10 ms).
+    pub fn cpu_time(&self) -> anyhow::Result<std::time::Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The fields after the command name, which may hold spaces.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("no command name in /proc/<pid>/stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let tick = |i: usize| -> anyhow::Result<u64> {
+            Ok(fields.get(i).context("short /proc/<pid>/stat")?.parse()?)
+        };
+        // utime and stime are fields 14 and 15, that is 11 and 12 here.
+        let ticks = tick(11)? + tick(12)?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as u64;
+        Ok(std::time::Duration::from_micros(ticks * 1_000_000 / hz))
+    }
+
     fn stop(&mut self) -> anyhow::Result<()> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

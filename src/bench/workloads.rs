@@ -181,6 +181,45 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
             "ms",
             usage,
         );
+
+        // 5b. CRI's stats poll: Usage of every active snapshot, again and
+        //     again (kubelet's nodes: every 10 s), with the daemon's CPU
+        //     time per round where the bench runs the daemon.
+        let keys: Vec<String> = (0..sizes.poll_snapshots)
+            .map(|k| format!("{run}-poll-{k}"))
+            .collect();
+        for (i, t) in targets.iter_mut().enumerate() {
+            for key in &keys {
+                fill(t, key, sizes.poll_files)
+                    .await
+                    .with_context(|| format!("{}: filling {key}", t.name))?;
+                held[i].active.push(key.clone());
+            }
+        }
+        let mut round = vec![Series::default(); targets.len()];
+        let mut cpu = round.clone();
+        for _ in 0..sizes.poll_rounds {
+            for (i, t) in targets.iter_mut().enumerate() {
+                let cpu_before = t.served.as_ref().map(|s| s.cpu_time()).transpose()?;
+                let started = Instant::now();
+                for key in &keys {
+                    t.usage(key)
+                        .await
+                        .map_err(|s| anyhow!("{}: Usage of {key}: {s}", t.name))?;
+                }
+                round[i].add(started.elapsed());
+                if let (Some(before), Some(s)) = (cpu_before, &t.served) {
+                    cpu[i].add(s.cpu_time()?.saturating_sub(before));
+                }
+            }
+        }
+        let what = format!(
+            "usage poll of {}x{} files",
+            sizes.poll_snapshots,
+            count(sizes.poll_files)
+        );
+        report(&format!("{what}: round"), "ms", round);
+        report(&format!("{what}: daemon CPU"), "ms", cpu);
     }
 
     // 6. Image import (unpack) and `ctr run`, through containerd only.
