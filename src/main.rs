@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Serve containerd's Snapshots API on a unix socket.
     Serve(ServeArgs),
+    /// Exit 0 when a daemon answers on its socket: a readiness probe.
+    Ping(ClientArgs),
     /// List every snapshot of a running daemon, with usage.
     Ls(ClientArgs),
     /// Show one snapshot of a running daemon: chain, usage, labels, path.
@@ -336,6 +338,19 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                 anyhow::bail!("{left} problem(s) left of {} found", findings.len());
             }
             println!("ok: the database and the disk agree");
+            Ok(())
+        }
+        Command::Ping(client) => {
+            // Any answer from the service will do; NotFound is the cheap one.
+            let address = client.address()?;
+            let channel = ontop::client::connect(&address).await?;
+            let mut api = ontop::client::Snapshots::new(channel, "ontop", Default::default());
+            match api.stat("ontop ping: no such snapshot").await {
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Ok(_) => {}
+                Err(s) => anyhow::bail!("{} answered {s}", address.display()),
+            }
+            println!("ok: ontop answers on {}", address.display());
             Ok(())
         }
         Command::Ls(client) => {

@@ -303,6 +303,13 @@ async fn ls_and_info_show_snapshots_chains_and_usage() {
     let out = ontop(&["info", "--address", sock, "nope"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+
+    // ping: the readiness probe of deploy/kubernetes.
+    let out = ontop(&["ping", "--address", sock]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let missing = d.dir.path().join("no.sock");
+    let out = ontop(&["ping", "--address", missing.to_str().unwrap()]);
+    assert!(!out.status.success());
 }
 
 #[tokio::test]

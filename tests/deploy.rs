@@ -1,0 +1,250 @@
+//! Deployment on a cluster: `deploy/kubernetes/` validates against the
+//! Kubernetes API schemas (kubernetes-validate from PyPI, offline once
+//! installed), its config is one ontop accepts, and the container image
+//! (`scripts/image.sh`, Dockerfile's equivalent) serves a node's socket
+//! from a privileged container the way the DaemonSet runs it. No cluster
+//! runs here; the README says what that leaves untested.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::containerd::{on_containerd, Containerd, Generation};
+use common::{mount_all, stdout_of, unmount, Daemon, BIN};
+
+const VALIDATOR: &str = "kubernetes-validate==1.37.0";
+
+/// A venv with kubernetes-validate (and its PyYAML); fails saying why when
+/// it cannot be made.
+fn validator_venv() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("k8s-validate-venv");
+    if !venv.join(VALIDATOR).exists() {
+        stdout_of(
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+            "python3 -m venv (this test needs python3 with venv)",
+        );
+        stdout_of(
+            Command::new(venv.join("bin/pip")).args(["install", "-q", VALIDATOR]),
+            &format!("pip install {VALIDATOR} (this test needs PyPI)"),
+        );
+        std::fs::write(venv.join(VALIDATOR), "").unwrap();
+    }
+    venv
+}
+
+fn manifests() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    files
+}
+
+#[test]
+fn the_manifests_are_valid_kubernetes_objects_and_the_config_is_ontops() {
+    let venv = validator_venv();
+    let validate = |version: &str, files: &[PathBuf]| {
+        Command::new(venv.join("bin/kubernetes-validate"))
+            .args(["--strict", "--quiet", "-k", version])
+            .args(files)
+            .output()
+            .unwrap()
+    };
+    // The oldest Kubernetes with the fields used, and the newest known.
+    for version in ["1.29.0", "1.37.0"] {
+        let out = validate(version, &manifests());
+        assert!(
+            out.status.success(),
+            "Kubernetes {version}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The validator does reject: a misspelt field fails strict validation.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    let daemonset = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/daemonset.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        &broken,
+        daemonset.replace("mountPropagation:", "mountPropogation:"),
+    )
+    .unwrap();
+    assert!(!validate("1.37.0", &[broken]).status.success());
+
+    // The ConfigMap's config.toml is one ontop loads.
+    let config = stdout_of(
+        Command::new(venv.join("bin/python")).args([
+            "-c",
+            "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['data']['config.toml'])",
+            &format!(
+                "{}/deploy/kubernetes/configmap.yaml",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+        ]),
+        "reading the ConfigMap",
+    );
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, config).unwrap();
+    let fragment = stdout_of(
+        Command::new(BIN)
+            .args([
+                "containerd-config",
+                "--containerd-version",
+                "2.3",
+                "--config",
+            ])
+            .arg(&file),
+        "ontop containerd-config with the ConfigMap's config",
+    );
+    assert!(
+        fragment.contains("address = \"/run/ontop/ontop.sock\"")
+            && fragment.contains("capabilities = [\"remap-ids\", \"rebase\"]"),
+        "{fragment}"
+    );
+}
+
+/// The image, run as the DaemonSet runs it: privileged, with the node's
+/// root, socket directory and config mounted from the host. The host then
+/// uses the socket, and mounts what it returns.
+async fn the_image_serves_the_nodes_socket_from_a_container() {
+    // A containerd to run the image on (its own snapshotter, overlayfs).
+    let d = Daemon::start().await;
+    let ctd = Containerd::start(&d).await;
+    let tar = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ontop-image.tar");
+    let image = stdout_of(
+        Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh"))
+            .arg(&tar)
+            .env("ONTOP_BIN", BIN),
+        "scripts/image.sh",
+    );
+    let image = image.trim();
+    ctd.ctr_ok(&["images", "import", &tar.display().to_string()]);
+
+    let node = d.dir.path().join("node");
+    let (root, run, etc) = (node.join("root"), node.join("run"), node.join("etc"));
+    for dir in [&root, &run, &etc] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    // As in the DaemonSet, the node's paths are the same inside the
+    // container: the mounts ontop returns name them, and the host performs
+    // them.
+    std::fs::write(
+        etc.join("config.toml"),
+        format!(
+            "root = {:?}\naddress = {:?}\nlog_format = \"json\"\n",
+            root.display().to_string(),
+            run.join("ontop.sock").display().to_string()
+        ),
+    )
+    .unwrap();
+    let bind = |src: &Path, dst: &str| {
+        format!("type=bind,src={},dst={dst},options=rbind:rw", src.display())
+    };
+    let mounts = [
+        bind(&root, &root.display().to_string()),
+        bind(&run, &run.display().to_string()),
+        bind(&etc, "/etc/ontop"),
+    ];
+    let mut args = vec!["run", "-d", "--privileged"];
+    for m in &mounts {
+        args.extend(["--mount", m.as_str()]);
+    }
+    args.extend([image, "ontop-node"]);
+    ctd.ctr_ok(&args);
+
+    let socket = run.join("ontop.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ontop::client::connect(&socket).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "ontop in the container did not answer on {}",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The readiness probe, run in the container as the kubelet runs it.
+    let probe = ctd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "probe",
+        "ontop-node",
+        "/usr/local/bin/ontop",
+        "ping",
+        "--address",
+        &socket.display().to_string(),
+    ]);
+    assert!(probe.contains("ok: ontop answers"), "{probe}");
+
+    // The host uses it: its snapshots live in the node's root.
+    let channel = ontop::client::connect(&socket).await.unwrap();
+    let mut api = ontop::client::Snapshots::new(channel, "ontop", Default::default());
+    let mounts = api
+        .prepare("from-the-host", "", Default::default())
+        .await
+        .unwrap();
+    let target = d.mountpoint("from-the-host");
+    mount_all(&mounts, &target);
+    std::fs::write(target.join("f"), "written on the host").unwrap();
+    unmount(&target);
+    api.commit("layer", "from-the-host", Default::default())
+        .await
+        .unwrap();
+    // The host's paths, as ontop in the container named them.
+    assert!(
+        mounts[0].source.starts_with(&root.display().to_string()),
+        "{mounts:?}"
+    );
+    assert!(root.join("metadata.db").is_file());
+    assert_eq!(
+        std::fs::read_to_string(root.join("snapshots/1/fs/f")).unwrap(),
+        "written on the host"
+    );
+
+    ctd.ctr_ok(&["tasks", "kill", "ontop-node"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ctd.ctr(&["containers", "rm", "ontop-node"]).status.code() != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the ontop container did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!socket.exists(), "a stopped ontop removes its socket");
+}
+
+mod containerd1 {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_image_serves_the_nodes_socket_from_a_container() {
+        on_containerd(
+            Generation::One,
+            super::the_image_serves_the_nodes_socket_from_a_container(),
+        )
+        .await
+    }
+}
+
+mod containerd2 {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_image_serves_the_nodes_socket_from_a_container() {
+        on_containerd(
+            Generation::Two,
+            super::the_image_serves_the_nodes_socket_from_a_container(),
+        )
+        .await
+    }
+}
