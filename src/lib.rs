@@ -31,6 +31,7 @@ pub mod snapshot;
 pub mod snapshotter;
 pub mod store;
 pub mod usage;
+pub mod watch;
 
 /// ontop's own `ontop.v1` admin API.
 pub mod admin {

@@ -28,6 +28,7 @@ use crate::layout::{self, Layout};
 use crate::mounts::{self, Layers, Mount, OverlayOptions};
 use crate::snapshot::{Id, Kind, Labels, Snapshot, Timestamp, Usage};
 use crate::store::{NewSnapshot, Record, Store, Tx};
+use crate::watch::Watch;
 
 /// What the core needs to know from the configuration.
 #[derive(Debug, Clone)]
@@ -105,6 +106,9 @@ pub struct Snapshotter {
     async_remove: bool,
     remap_ids: bool,
     bases: BasePolicy,
+    /// Which uppers changed, so Usage walks only those; none where
+    /// fanotify is not allowed (see `crate::watch`).
+    watch: Option<Watch>,
     _lock: layout::RootLock,
 }
 
@@ -127,6 +131,18 @@ impl Snapshotter {
         }
         let store = Store::open(&layout.db_path())?;
         unpin_strays(&layout, &store)?;
+        let watch = match Watch::start(layout.root()) {
+            Ok(watch) => {
+                tracing::info!(
+                    "usage: tracking changes with fanotify; Usage of an unchanged snapshot does not walk"
+                );
+                Some(watch)
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "usage: no fanotify here; every Usage walks the upper dir");
+                None
+            }
+        };
         Ok(Snapshotter {
             bases: BasePolicy {
                 allowed_roots: opts.base_roots,
@@ -137,6 +153,7 @@ impl Snapshotter {
             overlay: opts.overlay,
             async_remove: opts.async_remove,
             remap_ids: opts.remap_ids,
+            watch,
             _lock: lock,
         })
     }
@@ -438,6 +455,9 @@ impl Snapshotter {
             tx.delete(rec.id)?;
             Ok(rec.id)
         })?;
+        if let Some(watch) = &self.watch {
+            watch.forget(id);
+        }
         if !self.async_remove {
             // The id is never reused, so the directory can go after commit.
             // A failure is not the client's: the key is gone, and Cleanup
@@ -604,13 +624,20 @@ impl Snapshotter {
     pub fn usage(&self, key: &str) -> Result<Usage> {
         let rec = self.store.read(|tx| tx.require(key))?;
         match rec.kind {
-            Kind::Active => self.upper_usage(rec.id).map_err(|e| match e {
-                // Removed while we were about to walk it.
-                Error::Internal(_) if !self.layout.fs(rec.id).exists() => {
-                    Error::not_found(format!("snapshot {key:?} does not exist"))
-                }
-                e => e,
-            }),
+            Kind::Active => {
+                let walk = || self.upper_usage(rec.id);
+                let usage = match &self.watch {
+                    Some(watch) => watch.usage(rec.id, walk),
+                    None => walk(),
+                };
+                usage.map_err(|e| match e {
+                    // Removed while we were about to walk it.
+                    Error::Internal(_) if !self.layout.fs(rec.id).exists() => {
+                        Error::not_found(format!("snapshot {key:?} does not exist"))
+                    }
+                    e => e,
+                })
+            }
             Kind::Committed => Ok(rec.usage),
             Kind::View => Ok(Usage::default()),
         }
@@ -738,6 +765,7 @@ impl Snapshotter {
     }
 
     fn upper_usage(&self, id: Id) -> Result<Usage> {
+        tracing::debug!(id, "usage: walking the upper dir");
         let fs = self.layout.fs(id);
         Ok(crate::usage::disk_usage(&fs)
             .with_context(|| format!("measuring disk usage of {}", fs.display()))?)

@@ -556,6 +556,111 @@ async fn usage_counts_the_upper_only_and_freezes_at_commit() {
     assert_eq!(c.usage("v").await.unwrap(), (0, 0));
 }
 
+/// CRI polls Usage of every active snapshot. With fanotify, an unchanged
+/// upper is not walked again, and the answer stays exact: after random
+/// writes, appends, truncates, deletes, hard links, renames across
+/// directories, directory removal and xattrs, made through the real mount
+/// while it stays mounted, Usage equals a fresh walk of the upper dir.
+async fn usage_stays_exact_under_random_changes_and_skips_unchanged_uppers() {
+    use std::fs;
+    let d = Daemon::start().await;
+    assert!(
+        d.log().contains("usage: tracking changes with fanotify"),
+        "{}",
+        d.log()
+    );
+    let mut c = d.client().await;
+    c.layer(&d, "base", "", |root| {
+        fs::create_dir(root.join("lower-dir")).unwrap();
+        for i in 0..20 {
+            fs::write(root.join(format!("lower-dir/{i}")), vec![3u8; 5000]).unwrap();
+        }
+    })
+    .await;
+    let mut uppers = Vec::new();
+    for key in ["a", "b"] {
+        let mounts = c.prepare(key, "base").await.unwrap();
+        let upper = mounts[0]
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .unwrap()
+            .to_string();
+        let target = d.mountpoint(key);
+        common::mount_all(&mounts, &target);
+        uppers.push((key, target, std::path::PathBuf::from(upper)));
+    }
+    let walks = || d.log().matches("usage: walking the upper dir").count();
+    let check = |c: &mut common::Client, key: &'static str, upper: std::path::PathBuf| {
+        let mut c = c.clone();
+        async move {
+            let got = c.usage(key).await.unwrap();
+            let walked = ontop::usage::disk_usage(&upper).unwrap();
+            assert_eq!(got, (walked.size, walked.inodes), "{key} (see the seed)");
+        }
+    };
+    let seed = fastrand::u64(..);
+    println!("seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for round in 0..150 {
+        let (key, target, upper) = &uppers[rng.usize(..uppers.len())];
+        let dirs = ["", "d1", "d2", "lower-dir"];
+        let dir = target.join(dirs[rng.usize(..dirs.len())]);
+        let _ = fs::create_dir(&dir);
+        let name = |rng: &mut fastrand::Rng| dir.join(format!("f{}", rng.usize(..6)));
+        let f = name(&mut rng);
+        // Each may fail when its file is missing; what matters is that
+        // Usage then agrees with the disk.
+        let _ = match rng.usize(..9) {
+            0 => fs::write(&f, vec![1u8; rng.usize(..200_000)]),
+            1 => fs::OpenOptions::new()
+                .append(true)
+                .open(&f)
+                .and_then(|mut h| std::io::Write::write_all(&mut h, &[2u8; 70_000])),
+            2 => fs::OpenOptions::new()
+                .write(true)
+                .open(&f)
+                .and_then(|h| h.set_len(rng.u64(..10_000))),
+            3 => fs::remove_file(&f),
+            4 => fs::hard_link(&f, name(&mut rng)),
+            5 => fs::rename(&f, target.join(format!("moved-{round}"))),
+            6 => fs::remove_dir_all(&dir),
+            7 => fs::remove_file(target.join(format!("lower-dir/{}", rng.usize(..20)))),
+            _ => {
+                let c = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).unwrap();
+                let value = vec![b'x'; 3000];
+                let r = unsafe {
+                    libc::setxattr(
+                        c.as_ptr(),
+                        c"user.ontop".as_ptr(),
+                        value.as_ptr().cast(),
+                        value.len(),
+                        0,
+                    )
+                };
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            }
+        };
+        check(&mut c, key, upper.clone()).await;
+    }
+    // Unchanged uppers are answered without a walk, and still right.
+    let before = walks();
+    for (key, _, upper) in &uppers {
+        for _ in 0..3 {
+            check(&mut c, key, upper.clone()).await;
+        }
+    }
+    assert_eq!(walks(), before, "an unchanged upper was walked again");
+    for (key, target, _) in &uppers {
+        common::unmount(target);
+        c.remove(key).await.unwrap();
+    }
+}
+
 async fn cleanup_removes_directories_the_database_does_not_know() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
@@ -581,5 +686,6 @@ on_every_backend!(
     list_filters_match_the_testsuite_walk,
     list_streams_in_batches_of_one_hundred,
     usage_counts_the_upper_only_and_freezes_at_commit,
+    usage_stays_exact_under_random_changes_and_skips_unchanged_uppers,
     cleanup_removes_directories_the_database_does_not_know,
 );

@@ -163,6 +163,18 @@ async fn an_unprivileged_user_prepares_commits_mounts_and_removes() {
         ),
     );
     assert_eq!(seen, "one\n");
+    // No fanotify in a user namespace: every Usage walks, as exactly.
+    assert!(d.log().contains("usage: no fanotify here"), "{}", d.log());
+    let upper = mounts[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .unwrap();
+    let walked = ontop::usage::disk_usage(std::path::Path::new(upper)).unwrap();
+    assert_eq!(
+        c.usage("two-active").await.unwrap(),
+        (walked.size, walked.inodes)
+    );
     c.commit("two", "two-active").await.unwrap();
 
     // A read-only view of both.
