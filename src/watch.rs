@@ -66,7 +66,8 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
-    /// Bumped by every change in the snapshot's upper dir.
+    /// Bumped by every change in the snapshot's upper dir, for the
+    /// snapshots Usage was asked about (until they are forgotten).
     versions: HashMap<Id, u64>,
     /// Bumped when changes may have been lost: every answer is stale.
     epoch: u64,
@@ -125,8 +126,9 @@ impl Watch {
     /// changed since, else `walk`'s.
     pub fn usage<E>(&self, id: Id, walk: impl FnOnce() -> Result<Usage, E>) -> Result<Usage, E> {
         let (version, epoch) = {
-            let state = self.inner.drained();
-            let version = state.versions.get(&id).copied().unwrap_or(0);
+            let mut state = self.inner.drained();
+            // From here on, changes to this upper count.
+            let version = *state.versions.entry(id).or_default();
             if let Some((usage, v, e)) = state.answers.get(&id) {
                 if (*v, *e) == (version, state.epoch) {
                     return Ok(*usage);
@@ -211,7 +213,13 @@ impl Inner {
                 match event {
                     Event::Overflow => state.epoch += 1,
                     Event::In(handle) => match self.place(state, handle) {
-                        Some(Some(id)) => *state.versions.entry(id).or_default() += 1,
+                        // Only snapshots asked about are counted, so
+                        // removed ones leave nothing behind.
+                        Some(Some(id)) => {
+                            if let Some(version) = state.versions.get_mut(&id) {
+                                *version += 1;
+                            }
+                        }
                         Some(None) => {}
                         // A directory gone before its event was read: its
                         // removal is an event in its parent, which places.
