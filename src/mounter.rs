@@ -24,6 +24,17 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> anyhow::Result<()> {
 }
 
 pub fn unmount(target: &Path) -> anyhow::Result<()> {
+    // A mount namespace being set up elsewhere (a container starting)
+    // holds copies of every mount for a moment, and a copy in use makes
+    // umount fail with EBUSY: wait that out, up to two seconds.
+    for _ in 0..20 {
+        match nix::mount::umount2(target, MntFlags::empty()) {
+            Err(nix::errno::Errno::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            other => return other.with_context(|| format!("unmounting {}", target.display())),
+        }
+    }
     nix::mount::umount2(target, MntFlags::empty())
         .with_context(|| format!("unmounting {}", target.display()))
 }

@@ -574,14 +574,14 @@ async fn user_namespaced_container(config: &str) {
         Backend::FuseOverlayfs => 0,
     };
     assert_eq!((md.uid(), md.gid()), (expected, expected));
+    // containerd's copy is a fourth committed snapshot over the image's
+    // three, held by the container until it goes (then GC takes it).
+    let committed = c.list(&["kind==committed"]).await.unwrap().len();
+    assert_eq!(committed, if copies { 4 } else { 3 });
     ctd.ctr_ok(&["containers", "rm", "userns"]);
     // Nothing under the image changed owner.
     let after: Vec<_> = layers.iter().map(|l| common::tree_state(l)).collect();
     assert!(before == after, "the image's layers changed");
-    // containerd's copy is a fourth committed snapshot over the image's
-    // three.
-    let committed = c.list(&["kind==committed"]).await.unwrap().len();
-    assert_eq!(committed, if copies { 4 } else { 3 });
 }
 
 /// The `fs` dirs of ontop's committed snapshots.
