@@ -11,13 +11,14 @@
 //!
 //! **Exactness.** fsnotify queues an event before the syscall that made the
 //! change returns, so [`Watch::usage`] first reads every queued event: no
-//! change completed before a Usage can be missed. A full queue (an
-//! overflow event) or an event that cannot be placed forgets every cached
-//! answer. What fanotify does not report, and so a cached answer can miss:
-//! blocks that a write through a shared memory map allocates (in a sparse
-//! region, after the file was closed for writing), and extent-tree blocks
-//! the filesystem allocates at writeback. Both are rare; the next change
-//! to that snapshot corrects them.
+//! change completed before a Usage can be missed. Lost events (an overflow,
+//! or more than one read takes) forget every cached answer. An event in a
+//! directory already gone is skipped: its removal is an event in its
+//! parent. What fanotify does not report, and so a cached answer can
+//! miss: blocks that writes through a shared memory map allocate (in a
+//! sparse region), and extent-tree blocks the filesystem allocates at
+//! writeback. Both are rare; the next change to that snapshot corrects
+//! them.
 //!
 //! **Where.** fanotify with directory names needs Linux 5.9 and
 //! CAP_SYS_ADMIN in the initial user namespace. Elsewhere (rootless) there
