@@ -38,34 +38,10 @@ for applet in sh ls cat test; do ln -s busybox "$rootfs/bin/$applet"; done
 echo 'root:x:0:0:root:/root:/bin/sh' > "$rootfs/etc/passwd"
 echo 'root:x:0:' > "$rootfs/etc/group"
 
-case "$(uname -m)" in
-  x86_64) arch=amd64 ;;
-  aarch64) arch=arm64 ;;
-  *) arch=$(uname -m) ;;
-esac
-layout=$work/layout
-mkdir -p "$layout/blobs/sha256"
-blob() {
-  local d s
-  d=$(sha256sum "$1" | cut -d' ' -f1)
-  s=$(stat -c %s "$1")
-  cp "$1" "$layout/blobs/sha256/$d"
-  echo "$d $s"
-}
+source scripts/oci.sh
 (cd "$rootfs" && tar --create --format=gnu --numeric-owner --owner=0 --group=0 --sort=name \
   --mtime=@0 --file "$work/layer.tar" .)
-read -r ld ls < <(blob "$work/layer.tar")
-cat > "$work/config.json" <<JSON
-{"architecture":"$arch","os":"linux","config":{"Env":["PATH=/usr/local/bin:/usr/bin:/bin"],"Entrypoint":["/usr/local/bin/ontop"],"Cmd":["serve","--config","/etc/ontop/config.toml"]},"rootfs":{"type":"layers","diff_ids":["sha256:$ld"]}}
-JSON
-read -r cd cs < <(blob "$work/config.json")
-cat > "$work/manifest.json" <<JSON
-{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:$cd","size":$cs},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:$ld","size":$ls}]}
-JSON
-read -r md ms < <(blob "$work/manifest.json")
-cat > "$layout/index.json" <<JSON
-{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:$md","size":$ms,"platform":{"architecture":"$arch","os":"linux"},"annotations":{"io.containerd.image.name":"$name","org.opencontainers.image.ref.name":"${name##*:}"}}]}
-JSON
-echo '{"imageLayoutVersion":"1.0.0"}' > "$layout/oci-layout"
-(cd "$layout" && tar --create --format=gnu --sort=name --mtime=@0 --file - oci-layout index.json blobs) > "$out"
+oci_archive "$out" "$name" \
+  '{"Env":["PATH=/usr/local/bin:/usr/bin:/bin"],"Entrypoint":["/usr/local/bin/ontop"],"Cmd":["serve","--config","/etc/ontop/config.toml"]}' \
+  "$work/layer.tar"
 echo "$name"

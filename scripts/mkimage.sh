@@ -37,30 +37,9 @@ busybox=$(command -v busybox || true)
 { ldd "$busybox" 2>&1 || true; } | grep -q 'not a dynamic' \
   || { echo "mkimage: $busybox is not statically linked; install busybox-static" >&2; exit 1; }
 
-case "$(uname -m)" in
-  x86_64) arch=amd64 ;;
-  aarch64) arch=arm64 ;;
-  *) arch=$(uname -m) ;;
-esac
-
+source "$(dirname "$0")/oci.sh"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/layout/blobs/sha256"
-
-# Adds a file to the layout's blob store and prints "<digest> <size>".
-blob() {
-  local d s
-  d=$(sha256sum "$1" | cut -d' ' -f1)
-  s=$(stat -c %s "$1")
-  cp "$1" "$work/layout/blobs/sha256/$d"
-  echo "$d $s"
-}
-
-# Tars a staged layer directory, reproducibly, with numeric owners.
-layer_tar() {
-  (cd "$1" && tar --create --format=gnu --numeric-owner --sort=name --mtime=@0 \
-    --file "$2" $(ls -A))
-}
 
 # Layer 1: busybox, its applets, and the files later layers change.
 l1=$work/l1
@@ -152,31 +131,10 @@ if [ "$variant" = deep ]; then
   stack+=("$l4" "$l5" "$l6" "$l7")
 fi
 
-diff_ids=()
-layers=()
+tars=()
 for l in "${stack[@]}"; do
-  layer_tar "$l" "$l.tar"
-  read -r d s < <(blob "$l.tar")
-  diff_ids+=("\"sha256:$d\"")
-  layers+=("{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\"digest\":\"sha256:$d\",\"size\":$s}")
+  oci_layer_tar "$l" "$l.tar"
+  tars+=("$l.tar")
 done
-
-join() { local IFS=,; echo "$*"; }
-
-cat > "$work/config.json" <<EOF
-{"architecture":"$arch","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":$cmd,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":[$(join "${diff_ids[@]}")]}}
-EOF
-read -r cd cs < <(blob "$work/config.json")
-
-cat > "$work/manifest.json" <<EOF
-{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:$cd","size":$cs},"layers":[$(join "${layers[@]}")]}
-EOF
-read -r md ms < <(blob "$work/manifest.json")
-
-cat > "$work/layout/index.json" <<EOF
-{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:$md","size":$ms,"platform":{"architecture":"$arch","os":"linux"},"annotations":{"io.containerd.image.name":"$name","org.opencontainers.image.ref.name":"${name##*:}"}}]}
-EOF
-echo '{"imageLayoutVersion":"1.0.0"}' > "$work/layout/oci-layout"
-
-(cd "$work/layout" && tar --create --format=gnu --sort=name --mtime=@0 --file - oci-layout index.json blobs) > "$out"
+oci_archive "$out" "$name" "{\"Env\":[\"PATH=/bin\"],\"Cmd\":$cmd,\"WorkingDir\":\"/\"}" "${tars[@]}"
 echo "$name"

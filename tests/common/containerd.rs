@@ -314,10 +314,15 @@ impl Containerd {
 
     /// `crictl`, failing the test unless it succeeds; returns its stdout.
     pub fn crictl_ok(&self, args: &[&str]) -> String {
-        let out = self.crictl(args);
+        self.stdout_of(&format!("crictl {args:?}"), self.crictl(args))
+    }
+
+    /// The stdout of a command that must have succeeded; the test fails
+    /// with its output and containerd's log otherwise.
+    fn stdout_of(&self, what: &str, out: Output) -> String {
         assert!(
             out.status.success(),
-            "crictl {args:?} failed: {}{}\n--- containerd log tail:\n{}",
+            "{what} failed: {}{}\n--- containerd log tail:\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
             tail(&self.log(), 30)
@@ -332,15 +337,7 @@ impl Containerd {
 
     /// `ctr_ok` in namespace `ns`.
     pub fn ctr_ok_in(&self, ns: &str, args: &[&str]) -> String {
-        let out = self.ctr_in(ns, args);
-        assert!(
-            out.status.success(),
-            "ctr {args:?} failed: {}{}\n--- containerd log tail:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            tail(&self.log(), 30)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.stdout_of(&format!("ctr {args:?}"), self.ctr_in(ns, args))
     }
 
     /// `ctr snapshots --snapshotter ontop ARGS`.
