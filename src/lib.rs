@@ -7,7 +7,10 @@
 //! - [`layout`] owns the directories under the root;
 //! - [`backend`] checks that kernel overlayfs or fuse-overlayfs works here;
 //! - [`mounts`] and [`filter`] are pure: mount specs, and containerd's
-//!   filter language.
+//!   filter language;
+//! - [`watch`] tells which upper dirs changed, so Usage walks only those;
+//! - [`caller`] tells a containerd 1.x caller from the rest;
+//! - [`containerd_config`] writes containerd's config for ontop.
 
 pub mod backend;
 pub mod base;
