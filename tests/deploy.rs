@@ -161,6 +161,9 @@ async fn the_image_serves_the_nodes_socket_from_a_container() {
     }
     args.extend([image, "ontop-node"]);
     ctd.ctr_ok(&args);
+    // If the test fails from here, the container's ontop must not outlive
+    // it: killing containerd and its shim would leave it running.
+    let _kill = KillOnDrop(&ctd);
 
     let socket = run.join("ontop.sock");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -221,6 +224,16 @@ async fn the_image_serves_the_nodes_socket_from_a_container() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!socket.exists(), "a stopped ontop removes its socket");
+}
+
+/// SIGKILLs the `ontop-node` container's task when dropped.
+struct KillOnDrop<'a>(&'a Containerd);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0
+            .ctr(&["tasks", "kill", "--signal", "SIGKILL", "ontop-node"]);
+    }
 }
 
 mod containerd1 {
