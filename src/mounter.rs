@@ -24,9 +24,10 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> anyhow::Result<()> {
 }
 
 pub fn unmount(target: &Path) -> anyhow::Result<()> {
-    // A mount namespace being set up elsewhere (a container starting)
-    // holds copies of every mount for a moment, and a copy in use makes
-    // umount fail with EBUSY: wait that out, up to two seconds.
+    // A busy mount is sometimes only busy for a moment: CI once saw EBUSY
+    // unmounting a fuse mount while dozens of tests started containers.
+    // The cause was not pinned down (a mount namespace being set up holds
+    // copies of every mount while it is made); wait up to two seconds.
     for _ in 0..20 {
         match nix::mount::umount2(target, MntFlags::empty()) {
             Err(nix::errno::Errno::EBUSY) => {

@@ -51,43 +51,37 @@ pub fn generation() -> Generation {
 /// Debian for both. Fails the test saying how to provide what is missing:
 /// these tests must run, never skip.
 pub fn bin_dir() -> PathBuf {
-    let dir =
-        match generation() {
-            Generation::One => {
-                let found = |tool: &str| {
-                    std::env::var_os("PATH")
-                        .and_then(|p| std::env::split_paths(&p).find(|d| d.join(tool).is_file()))
-                };
-                for tool in ["runc", "busybox", "containerd-shim-runc-v2"] {
-                    assert!(
-                        found(tool).is_some(),
-                        "{tool} is not installed: the containerd suite needs Debian's containerd, \
+    let dir = match generation() {
+        Generation::One => {
+            let found = |tool: &str| {
+                std::env::var_os("PATH")
+                    .and_then(|p| std::env::split_paths(&p).find(|d| d.join(tool).is_file()))
+            };
+            for tool in ["runc", "busybox", "containerd-shim-runc-v2"] {
+                assert!(
+                    found(tool).is_some(),
+                    "{tool} is not installed: the containerd suite needs Debian's containerd, \
                      runc and busybox-static (scripts/test.sh installs them)"
-                    );
-                }
-                found("containerd").expect(
-                    "containerd is not installed: the containerd suite needs Debian's containerd \
+                );
+            }
+            found("containerd").expect(
+                "containerd is not installed: the containerd suite needs Debian's containerd \
                  (scripts/test.sh installs it)",
-                )
-            }
-            Generation::Two => {
-                let dir = std::env::var_os("ONTOP_CONTAINERD2_BIN").map(PathBuf::from).expect(
-                "ONTOP_CONTAINERD2_BIN is not set: the containerd 2.x tests need a directory \
-                 holding containerd 2.x's containerd, ctr and containerd-shim-runc-v2. \
-                 scripts/test.sh sets it to ../shared/tools/containerd-2.3.4/bin, or downloads \
-                 the official release into target/; set it yourself to use another",
-            );
-                for tool in ["containerd", "ctr", "containerd-shim-runc-v2"] {
-                    assert!(
-                        dir.join(tool).is_file(),
-                        "ONTOP_CONTAINERD2_BIN={} has no {tool}: it must hold containerd 2.x's \
+            )
+        }
+        Generation::Two => {
+            let dir = containerd2_dir();
+            for tool in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+                assert!(
+                    dir.join(tool).is_file(),
+                    "ONTOP_CONTAINERD2_BIN={} has no {tool}: it must hold containerd 2.x's \
                      containerd, ctr and containerd-shim-runc-v2",
-                        dir.display()
-                    );
-                }
-                dir
+                    dir.display()
+                );
             }
-        };
+            dir
+        }
+    };
     std::fs::canonicalize(dir).unwrap()
 }
 
@@ -439,7 +433,7 @@ disabled_plugins = [{disabled}]
 /// crictl v1.36 (with containerd 2.x in `ONTOP_CONTAINERD2_BIN`), which
 /// speaks CRI v1 to containerd 1.6 as well.
 pub fn crictl() -> PathBuf {
-    let bin = on_containerd_2_bin().join("crictl");
+    let bin = containerd2_dir().join("crictl");
     assert!(
         bin.is_file(),
         "{} is missing: the CRI tests need crictl beside containerd 2.x in \
@@ -449,10 +443,16 @@ pub fn crictl() -> PathBuf {
     bin
 }
 
-fn on_containerd_2_bin() -> PathBuf {
+/// `ONTOP_CONTAINERD2_BIN`, or the test fails saying how to set it.
+fn containerd2_dir() -> PathBuf {
     std::env::var_os("ONTOP_CONTAINERD2_BIN")
         .map(PathBuf::from)
-        .expect("ONTOP_CONTAINERD2_BIN is not set: scripts/test.sh sets it")
+        .expect(
+            "ONTOP_CONTAINERD2_BIN is not set: the containerd 2.x tests need a directory \
+             holding containerd 2.x's containerd, ctr, containerd-shim-runc-v2 and crictl. \
+             scripts/test.sh sets it to ../shared/tools/containerd-2.3.4/bin, or downloads \
+             the official release into target/; set it yourself to use another",
+        )
 }
 
 /// What CRI needs to run pods here.
