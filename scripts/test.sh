@@ -10,9 +10,11 @@ install_build_deps
 # fuse-overlayfs; the rootless suite needs useradd, setpriv, unshare and
 # nsenter; the disk-full test makes an ext4 image (e2fsprogs); the
 # clients test installs Python's grpcio from PyPI into a venv; the parallel
-# unpack and bench tests pull from a local docker-registry fed by skopeo.
+# unpack and bench tests pull from a local docker-registry fed by skopeo;
+# the operations suite runs systemd-socket-activate (systemd), and a real
+# Prometheus server and promtool (prometheus).
 apt_install util-linux passwd e2fsprogs containerd runc busybox-static tar coreutils fuse-overlayfs fuse3 \
-  python3 python3-venv docker-registry skopeo
+  python3 python3-venv docker-registry skopeo systemd prometheus
 require_overlayfs
 require_fuse
 ensure_containerd2

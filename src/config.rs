@@ -7,6 +7,7 @@
 //! a user namespace, as under rootless containerd) gets per-user XDG paths.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use serde::Deserialize;
@@ -47,6 +48,46 @@ pub struct Config {
     /// Who owns the socket, when not ontop's own user and group.
     pub socket_owner: Option<u32>,
     pub socket_group: Option<u32>,
+    /// Where Prometheus scrapes `/metrics`; None serves no metrics.
+    pub metrics_address: Option<MetricsAddress>,
+    /// A call that takes longer is logged at warn.
+    pub slow_call: Duration,
+}
+
+/// A TCP address such as `127.0.0.1:9163`, or `unix:/path` for a socket
+/// that a local agent scrapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsAddress {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for MetricsAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return if Path::new(path).is_absolute() {
+                Ok(MetricsAddress::Unix(path.into()))
+            } else {
+                Err(format!(
+                    "metrics address {s:?}: unix: needs an absolute path"
+                ))
+            };
+        }
+        s.parse().map(MetricsAddress::Tcp).map_err(|_| {
+            format!("metrics address {s:?} is neither HOST:PORT (such as 127.0.0.1:9163) nor unix:/path")
+        })
+    }
+}
+
+impl std::fmt::Display for MetricsAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsAddress::Tcp(a) => write!(f, "{a}"),
+            MetricsAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// `config.toml` as written; every key optional. Unknown keys are errors,
@@ -67,6 +108,8 @@ pub struct FileConfig {
     pub socket_owner: Option<String>,
     /// A group name or gid.
     pub socket_group: Option<String>,
+    pub metrics_address: Option<String>,
+    pub slow_call_seconds: Option<f64>,
 }
 
 /// The flags that can override the file.
@@ -77,6 +120,7 @@ pub struct Overrides {
     pub address: Option<PathBuf>,
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub metrics_address: Option<String>,
 }
 
 impl FileConfig {
@@ -131,7 +175,7 @@ impl Defaults {
         };
         let unset = |what: &str, var: &str, flag: &str| {
             format!(
-                "not running as root, so the default {what} is under ${var}, which is not set                  to an absolute path; set it, or pass {flag}"
+                "not running as root, so the default {what} is under ${var}, which is not set to an absolute path; set it, or pass {flag}"
             )
         };
         Defaults {
@@ -193,6 +237,17 @@ impl Config {
             remap_ids: file.remap_ids.unwrap_or(true),
             socket_owner: file.socket_owner.as_deref().map(user_id).transpose()?,
             socket_group: file.socket_group.as_deref().map(group_id).transpose()?,
+            metrics_address: flags
+                .metrics_address
+                .or(file.metrics_address)
+                .filter(|a| !a.is_empty())
+                .map(|a| a.parse().map_err(|e: String| anyhow!(e)))
+                .transpose()?,
+            slow_call: match file.slow_call_seconds {
+                None => Duration::from_secs(1),
+                Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+                Some(s) => bail!("slow_call_seconds must be a positive number of seconds, got {s}"),
+            },
         };
         config.validate()?;
         Ok(config)

@@ -12,11 +12,13 @@ use crate::containerd_api::snapshots::v1 as api;
 use crate::containerd_api::snapshots::v1::snapshots_server::Snapshots;
 use crate::containerd_api::types::Mount as ApiMount;
 use futures::stream::{BoxStream, StreamExt};
-use tonic::{Request, Response, Status};
+use std::time::{Duration, Instant};
+use tonic::{Code, Request, Response, Status};
 
 use crate::admin::v1 as admin;
 use crate::caller::Caller;
 use crate::error::Error;
+use crate::metrics;
 use crate::mounts::Mount;
 use crate::snapshot::{Kind, Snapshot, Timestamp};
 use crate::snapshotter::Snapshotter;
@@ -90,11 +92,54 @@ fn caller<T>(req: &Request<T>) -> Caller {
 /// containerd's `Snapshots` service over the core.
 pub struct SnapshotsService {
     core: Arc<Snapshotter>,
+    /// Calls slower than this are logged at warn.
+    slow_call: Duration,
 }
 
 impl SnapshotsService {
-    pub fn new(core: Arc<Snapshotter>) -> Self {
-        SnapshotsService { core }
+    pub fn new(core: Arc<Snapshotter>, slow_call: Duration) -> Self {
+        SnapshotsService { core, slow_call }
+    }
+
+    fn call(&self, method: &'static str, key: &str) -> Call {
+        Call {
+            method,
+            key: key.to_string(),
+            started: Instant::now(),
+            slow: self.slow_call,
+        }
+    }
+}
+
+/// One call being served: when it ends, it is counted in the metrics and
+/// logged with its method, key, code and duration; at debug, or at warn
+/// when it was slow.
+struct Call {
+    method: &'static str,
+    key: String,
+    started: Instant,
+    slow: Duration,
+}
+
+impl Call {
+    fn end<T>(self, result: Result<T, Status>) -> Result<T, Status> {
+        self.finish(match &result {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        });
+        result
+    }
+
+    fn finish(self, code: Code) {
+        let took = self.started.elapsed();
+        metrics::call(self.method, code, took);
+        let duration_ms = (took.as_secs_f64() * 1e6).round() / 1e3;
+        let (method, key, code) = (self.method, self.key.as_str(), metrics::code_name(code));
+        if took >= self.slow {
+            tracing::warn!(method, key, code, duration_ms, "slow call");
+        } else {
+            tracing::debug!(method, key, code, duration_ms, "call");
+        }
     }
 }
 
@@ -104,109 +149,147 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<api::PrepareSnapshotRequest>,
     ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
-        let caller = caller(&req);
-        let r = req.into_inner();
-        let mounts = blocking(&self.core, move |c| {
-            c.prepare(&r.key, &r.parent, r.labels, caller)
-        })
-        .await?;
-        Ok(Response::new(api::PrepareSnapshotResponse {
-            mounts: to_api_mounts(mounts),
-        }))
+        let call = self.call("Prepare", &req.get_ref().key);
+        let result = async move {
+            let caller = caller(&req);
+            let r = req.into_inner();
+            let mounts = blocking(&self.core, move |c| {
+                c.prepare(&r.key, &r.parent, r.labels, caller)
+            })
+            .await?;
+            Ok(Response::new(api::PrepareSnapshotResponse {
+                mounts: to_api_mounts(mounts),
+            }))
+        }
+        .await;
+        call.end(result)
     }
 
     async fn view(
         &self,
         req: Request<api::ViewSnapshotRequest>,
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
-        let caller = caller(&req);
-        let r = req.into_inner();
-        let mounts = blocking(&self.core, move |c| {
-            c.view(&r.key, &r.parent, r.labels, caller)
-        })
-        .await?;
-        Ok(Response::new(api::ViewSnapshotResponse {
-            mounts: to_api_mounts(mounts),
-        }))
+        let call = self.call("View", &req.get_ref().key);
+        let result = async move {
+            let caller = caller(&req);
+            let r = req.into_inner();
+            let mounts = blocking(&self.core, move |c| {
+                c.view(&r.key, &r.parent, r.labels, caller)
+            })
+            .await?;
+            Ok(Response::new(api::ViewSnapshotResponse {
+                mounts: to_api_mounts(mounts),
+            }))
+        }
+        .await;
+        call.end(result)
     }
 
     async fn mounts(
         &self,
         req: Request<api::MountsRequest>,
     ) -> Result<Response<api::MountsResponse>, Status> {
-        let caller = caller(&req);
-        let r = req.into_inner();
-        // Containers start through Mounts: answer from the async worker
-        // when a reader is free and no filesystem work is due, which saves
-        // the hop to the blocking pool.
-        let mounts = match self.core.try_mount_plan(&r.key) {
-            Some(plan) => {
-                let plan = plan?;
-                if plan.touches_filesystem() {
-                    blocking(&self.core, move |c| c.mounts_for(plan, caller)).await?
-                } else {
-                    self.core.mounts_for(plan, caller)?
+        let call = self.call("Mounts", &req.get_ref().key);
+        let result = async move {
+            let caller = caller(&req);
+            let r = req.into_inner();
+            // Containers start through Mounts: answer from the async worker
+            // when a reader is free and no filesystem work is due, which saves
+            // the hop to the blocking pool.
+            let mounts = match self.core.try_mount_plan(&r.key) {
+                Some(plan) => {
+                    let plan = plan?;
+                    if plan.touches_filesystem() {
+                        blocking(&self.core, move |c| c.mounts_for(plan, caller)).await?
+                    } else {
+                        self.core.mounts_for(plan, caller)?
+                    }
                 }
-            }
-            None => blocking(&self.core, move |c| c.mounts(&r.key, caller)).await?,
-        };
-        Ok(Response::new(api::MountsResponse {
-            mounts: to_api_mounts(mounts),
-        }))
+                None => blocking(&self.core, move |c| c.mounts(&r.key, caller)).await?,
+            };
+            Ok(Response::new(api::MountsResponse {
+                mounts: to_api_mounts(mounts),
+            }))
+        }
+        .await;
+        call.end(result)
     }
 
     async fn commit(
         &self,
         req: Request<api::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
-        let r = req.into_inner();
-        blocking(&self.core, move |c| {
-            c.commit(&r.name, &r.key, &r.parent, r.labels)
-        })
-        .await?;
-        Ok(Response::new(()))
+        let call = self.call("Commit", &req.get_ref().key);
+        let result = async move {
+            let r = req.into_inner();
+            blocking(&self.core, move |c| {
+                c.commit(&r.name, &r.key, &r.parent, r.labels)
+            })
+            .await?;
+            Ok(Response::new(()))
+        }
+        .await;
+        call.end(result)
     }
 
     async fn remove(
         &self,
         req: Request<api::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
-        let r = req.into_inner();
-        blocking(&self.core, move |c| c.remove(&r.key)).await?;
-        Ok(Response::new(()))
+        let call = self.call("Remove", &req.get_ref().key);
+        let result = async move {
+            let r = req.into_inner();
+            blocking(&self.core, move |c| c.remove(&r.key)).await?;
+            Ok(Response::new(()))
+        }
+        .await;
+        call.end(result)
     }
 
     async fn stat(
         &self,
         req: Request<api::StatSnapshotRequest>,
     ) -> Result<Response<api::StatSnapshotResponse>, Status> {
-        let r = req.into_inner();
-        // As Mounts: inline when a reader is free, which it nearly always is.
-        let snap = match self.core.try_stat(&r.key) {
-            Some(snap) => snap?,
-            None => blocking(&self.core, move |c| c.stat(&r.key)).await?,
-        };
-        Ok(Response::new(api::StatSnapshotResponse {
-            info: Some(to_api_info(snap)),
-        }))
+        let call = self.call("Stat", &req.get_ref().key);
+        let result = async move {
+            let r = req.into_inner();
+            // As Mounts: inline when a reader is free, which it nearly always is.
+            let snap = match self.core.try_stat(&r.key) {
+                Some(snap) => snap?,
+                None => blocking(&self.core, move |c| c.stat(&r.key)).await?,
+            };
+            Ok(Response::new(api::StatSnapshotResponse {
+                info: Some(to_api_info(snap)),
+            }))
+        }
+        .await;
+        call.end(result)
     }
 
     async fn update(
         &self,
         req: Request<api::UpdateSnapshotRequest>,
     ) -> Result<Response<api::UpdateSnapshotResponse>, Status> {
-        let r = req.into_inner();
-        let info = r.info.ok_or_else(|| {
-            Status::invalid_argument("update needs info with the snapshot's name")
-        })?;
-        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        let snap = blocking(&self.core, move |c| {
-            c.update(&info.name, info.labels, &paths)
-        })
-        .await?;
-        Ok(Response::new(api::UpdateSnapshotResponse {
-            info: Some(to_api_info(snap)),
-        }))
+        let call = self.call(
+            "Update",
+            req.get_ref().info.as_ref().map_or("", |i| i.name.as_str()),
+        );
+        let result = async move {
+            let r = req.into_inner();
+            let info = r.info.ok_or_else(|| {
+                Status::invalid_argument("update needs info with the snapshot's name")
+            })?;
+            let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+            let snap = blocking(&self.core, move |c| {
+                c.update(&info.name, info.labels, &paths)
+            })
+            .await?;
+            Ok(Response::new(api::UpdateSnapshotResponse {
+                info: Some(to_api_info(snap)),
+            }))
+        }
+        .await;
+        call.end(result)
     }
 
     type ListStream = BoxStream<'static, Result<api::ListSnapshotsResponse, Status>>;
@@ -216,8 +299,13 @@ impl Snapshots for SnapshotsService {
         req: Request<api::ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
         let r = req.into_inner();
+        // The call ends when its stream does.
+        let call = self.call("List", &r.filters.join(","));
         // A bad filter fails the call itself, before any streaming.
-        let filter = crate::snapshotter::parse_filters(&r.filters)?;
+        let filter = match crate::snapshotter::parse_filters(&r.filters) {
+            Ok(filter) => filter,
+            Err(e) => return call.end(Err(e.into())),
+        };
         // Batches stream as the query produces them, from the blocking
         // pool, so a List of 100k snapshots never sits in memory whole.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -242,8 +330,13 @@ impl Snapshots for SnapshotsService {
                 true => Ok(()),
                 false => send(batch),
             });
-            if let Err(e) = result {
-                let _ = tx.blocking_send(Err(Status::from(e)));
+            match result {
+                Ok(()) => call.finish(Code::Ok),
+                Err(e) => {
+                    let status = Status::from(e);
+                    call.finish(status.code());
+                    let _ = tx.blocking_send(Err(status));
+                }
             }
         });
         Ok(Response::new(
@@ -255,17 +348,27 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<api::UsageRequest>,
     ) -> Result<Response<api::UsageResponse>, Status> {
-        let r = req.into_inner();
-        let u = blocking(&self.core, move |c| c.usage(&r.key)).await?;
-        Ok(Response::new(api::UsageResponse {
-            size: u.size,
-            inodes: u.inodes,
-        }))
+        let call = self.call("Usage", &req.get_ref().key);
+        let result = async move {
+            let r = req.into_inner();
+            let u = blocking(&self.core, move |c| c.usage(&r.key)).await?;
+            Ok(Response::new(api::UsageResponse {
+                size: u.size,
+                inodes: u.inodes,
+            }))
+        }
+        .await;
+        call.end(result)
     }
 
     async fn cleanup(&self, _req: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
-        blocking(&self.core, |c| c.cleanup()).await?;
-        Ok(Response::new(()))
+        let call = self.call("Cleanup", "");
+        let result = async move {
+            blocking(&self.core, |c| c.cleanup()).await?;
+            Ok(Response::new(()))
+        }
+        .await;
+        call.end(result)
     }
 }
 

@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod idmap;
 pub mod labels;
 pub mod layout;
+pub mod metrics;
 pub mod mounter;
 pub mod mounts;
 pub mod pin;
@@ -33,6 +34,7 @@ pub mod server;
 pub mod snapshot;
 pub mod snapshotter;
 pub mod store;
+pub mod systemd;
 pub mod usage;
 pub mod watch;
 

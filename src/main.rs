@@ -238,6 +238,9 @@ struct ServeArgs {
     log_level: Option<String>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics at /metrics on HOST:PORT or unix:/path.
+    #[arg(long)]
+    metrics_address: Option<String>,
 }
 
 #[derive(Args)]
@@ -301,6 +304,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                 address: args.address,
                 log_level: args.log_level,
                 log_format: args.log_format,
+                metrics_address: args.metrics_address,
             };
             let config = Config::load(args.config.as_deref(), flags)?;
             init_logging(&config);

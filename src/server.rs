@@ -1,9 +1,12 @@
-//! The daemon: opens the core, owns the unix socket, serves both gRPC
-//! services, and shuts down gracefully on SIGTERM or SIGINT.
+//! The daemon: opens the core, binds the unix socket or takes the one
+//! systemd passed, serves the gRPC services (Snapshots, admin, health) and
+//! the metrics endpoint, tells systemd how it is doing, and shuts down
+//! gracefully on SIGTERM or SIGINT.
 
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +27,11 @@ use crate::snapshotter::{Options, Snapshotter};
 /// for its blocking tasks before the process exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves until SIGTERM or SIGINT, then stops accepting, lets in-flight
-/// requests finish, closes the database and removes the socket.
+/// How often systemd's STATUS= line is refreshed without a watchdog.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// Opens the core, binds the socket (or takes the one systemd passed)
+/// and serves until SIGTERM or SIGINT; see [`serve_on`].
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Signals first, so that from here on a TERM is a graceful stop.
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -62,39 +68,121 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
              without PrivateMounts=, PrivateTmp= or ProtectSystem="
         );
     }
-    let (listener, socket_ino) = bind_socket(&config.address)?;
-    if config.socket_owner.is_some() || config.socket_group.is_some() {
-        std::os::unix::fs::chown(&config.address, config.socket_owner, config.socket_group)
-            .with_context(|| format!("setting the owner of {}", config.address.display()))?;
-    }
-    tracing::info!(
-        root = %config.root.display(),
-        backend = %config.backend,
-        address = %config.address.display(),
-        "ontop is serving"
-    );
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(SnapshotsService::new(Arc::clone(
-            &core,
-        ))))
-        .add_service(AdminServer::new(AdminService::new(Arc::clone(&core))))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
-    tokio::pin!(server);
-    let signal = async {
+    let socket = match crate::systemd::inherited_listener()? {
+        Some((listener, path)) => {
+            let path = path.unwrap_or_else(|| config.address.clone());
+            if path != config.address {
+                tracing::warn!(
+                    socket = %path.display(),
+                    address = %config.address.display(),
+                    "the socket systemd passed is not ontop's configured address; \
+                     containerd must dial the socket's path"
+                );
+            }
+            Socket {
+                listener: UnixListener::from_std(listener)
+                    .context("serving on the inherited socket")?,
+                path,
+                own_ino: None,
+            }
+        }
+        None => {
+            let (listener, ino) = bind_socket(&config.address)?;
+            if config.socket_owner.is_some() || config.socket_group.is_some() {
+                std::os::unix::fs::chown(&config.address, config.socket_owner, config.socket_group)
+                    .with_context(|| {
+                        format!("setting the owner of {}", config.address.display())
+                    })?;
+            }
+            Socket {
+                listener,
+                path: config.address.clone(),
+                own_ino: Some(ino),
+            }
+        }
+    };
+    let signal = async move {
         tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         }
     };
+    serve_on(socket, core, &config, signal).await
+}
+
+/// The socket ontop serves on: bound by itself (and removed when it
+/// stops), or passed by systemd's socket activation (and left to systemd,
+/// so that connections wait in its backlog while ontop restarts).
+pub struct Socket {
+    pub listener: UnixListener,
+    pub path: PathBuf,
+    /// The inode of a socket ontop bound itself.
+    pub own_ino: Option<u64>,
+}
+
+/// Serves the Snapshots, admin and health services on `socket` (and the
+/// metrics endpoint, when configured) until `shutdown` resolves with the
+/// reason, then stops accepting and lets in-flight requests finish.
+pub async fn serve_on(
+    socket: Socket,
+    core: Arc<Snapshotter>,
+    config: &Config,
+    shutdown: impl Future<Output = &'static str>,
+) -> anyhow::Result<()> {
+    let notifier = crate::systemd::Notifier::from_env();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|&stop| stop).await;
+        }
+    };
+    let metrics = match &config.metrics_address {
+        Some(address) => {
+            crate::metrics::install()?;
+            Some(crate::metrics::serve(address, Arc::clone(&core), stopped()).await?)
+        }
+        None => None,
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<SnapshotsServer<SnapshotsService>>()
+        .await;
+
+    tracing::info!(
+        root = %config.root.display(),
+        backend = %config.backend,
+        address = %socket.path.display(),
+        activated = socket.own_ino.is_none(),
+        "ontop is serving"
+    );
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(SnapshotsServer::new(SnapshotsService::new(
+            Arc::clone(&core),
+            config.slow_call,
+        )))
+        .add_service(AdminServer::new(AdminService::new(Arc::clone(&core))))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(socket.listener), stopped());
+    tokio::pin!(server);
+    // The socket listens and the database is open: calls are answered
+    // from here on, so this is the moment to call ontop started.
+    let notified = notifier.map(|n| {
+        let n = Arc::new(n);
+        n.send("READY=1\nSTATUS=serving");
+        let beating = tokio::spawn(heartbeat(Arc::clone(&n), Arc::clone(&core)));
+        (n, beating)
+    });
     let result = tokio::select! {
         result = &mut server => result,
-        name = signal => {
-            tracing::info!("{name}: shutting down");
-            let _ = stop_tx.send(());
+        reason = shutdown => {
+            tracing::info!("{reason}: shutting down");
+            if let Some((n, _)) = &notified {
+                n.send("STOPPING=1\nSTATUS=shutting down: finishing calls in flight");
+            }
+            health.set_not_serving::<SnapshotsServer<SnapshotsService>>().await;
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            let _ = stop_tx.send(true);
             // Graceful shutdown waits for clients to hang up; one that
             // never does must not block a stop forever.
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
@@ -109,14 +197,56 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     };
-
-    remove_own_socket(&config.address, socket_ino);
-    // The services are gone with the server: this was the last reference,
-    // so the database closes and the root lock is released here.
+    let _ = stop_tx.send(true);
+    if let Some((_, beating)) = notified {
+        beating.abort();
+    }
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
+    if let Some(ino) = socket.own_ino {
+        remove_own_socket(&socket.path, ino);
+    }
+    // The database closes and the root lock is released when the last
+    // reference to the core goes: here, unless a detached task (the
+    // integrity check, a List producer, a metrics scrape) still runs; the
+    // runtime waits for those before the process exits.
     drop(core);
     result.context("serving gRPC")?;
     tracing::info!("ontop stopped");
     Ok(())
+}
+
+/// Tells systemd, while ontop serves, what it is doing, and feeds the
+/// watchdog when `WatchdogSec=` is set: only after the database answered
+/// a query, so that a hung store gets ontop restarted.
+async fn heartbeat(notifier: Arc<crate::systemd::Notifier>, core: Arc<Snapshotter>) {
+    let watchdog = crate::systemd::watchdog_interval();
+    let every = watchdog.unwrap_or(STATUS_EVERY).min(STATUS_EVERY);
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        ticks.tick().await;
+        let probe = {
+            let core = Arc::clone(&core);
+            tokio::task::spawn_blocking(move || core.counts_by_kind())
+        };
+        match tokio::time::timeout(every, probe).await {
+            Ok(Ok(Ok(counts))) => {
+                let total: i64 = counts.iter().map(|(_, n)| n).sum();
+                let mut state = format!("STATUS=serving, {total} snapshots");
+                if watchdog.is_some() {
+                    state.push_str("\nWATCHDOG=1");
+                }
+                notifier.send(&state);
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::error!(error = %e, "the database does not answer; not feeding the watchdog")
+            }
+            _ => tracing::error!(
+                "the database did not answer within {every:?}; not feeding the watchdog"
+            ),
+        }
+    }
 }
 
 /// Binds the socket at `path` with mode 0660, creating its directory.

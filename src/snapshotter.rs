@@ -173,6 +173,15 @@ impl Snapshotter {
         &self.layout
     }
 
+    pub fn backend(&self) -> Backend {
+        self.overlay.backend
+    }
+
+    /// How many snapshots of each kind the database holds.
+    pub fn counts_by_kind(&self) -> Result<Vec<(Kind, i64)>> {
+        self.store.read(|tx| tx.counts_by_kind())
+    }
+
     pub fn prepare(
         &self,
         key: &str,
@@ -655,7 +664,13 @@ impl Snapshotter {
                 .context("moving unknown snapshot directories to the trash")?)
         })?;
         for path in trashed {
+            // Measuring costs a walk: only when someone is counting.
+            let size = match crate::metrics::enabled() {
+                true => crate::usage::unobserved_disk_usage(&path).map_or(0, |u| u.size.max(0)),
+                false => 0,
+            };
             layout::remove_all(&path).with_context(|| format!("removing {}", path.display()))?;
+            crate::metrics::cleanup_reclaimed(size as u64);
         }
         Ok(())
     }

@@ -124,7 +124,9 @@ type Outcome = OnceLock<std::result::Result<(), String>>;
 impl Writer {
     /// Commits the open transaction for everyone in it.
     fn finish(&mut self) -> rusqlite::Result<()> {
+        let started = std::time::Instant::now();
         let result = self.conn.execute_batch("COMMIT");
+        crate::metrics::group_commit(self.in_batch, started.elapsed());
         if result.is_err() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
@@ -396,6 +398,27 @@ fn path_bytes(p: Option<&Path>) -> Option<&[u8]> {
 }
 
 impl Tx<'_> {
+    /// Every kind with its number of snapshots, zeros included.
+    pub fn counts_by_kind(&self) -> Result<Vec<(Kind, i64)>> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind")?;
+        let mut counts: Vec<(Kind, i64)> = [Kind::View, Kind::Active, Kind::Committed]
+            .into_iter()
+            .map(|k| (k, 0))
+            .collect();
+        for row in stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+            let (kind, n) = row?;
+            if let Some(slot) = counts
+                .iter_mut()
+                .find(|(k, _)| Some(*k) == Kind::from_i64(kind))
+            {
+                slot.1 = n;
+            }
+        }
+        Ok(counts)
+    }
+
     /// The record for `key`, or None.
     pub fn record(&self, key: &str) -> Result<Option<Record>> {
         let mut stmt = self

@@ -11,9 +11,24 @@ use crate::snapshot::Usage;
 /// allocated 512-byte blocks, as containerd's `fs.DiskUsage` reports, and a
 /// hard-linked inode is counted once. Symlinks are not followed.
 pub fn disk_usage(root: &Path) -> io::Result<Usage> {
+    let started = std::time::Instant::now();
+    let mut visited = 0u64;
+    let usage = walk(root, &mut visited);
+    crate::metrics::usage_walk(visited, started.elapsed());
+    usage
+}
+
+/// [`disk_usage`] without counting the walk in the usage metrics: for
+/// trees about to be deleted.
+pub fn unobserved_disk_usage(root: &Path) -> io::Result<Usage> {
+    walk(root, &mut 0)
+}
+
+fn walk(root: &Path, visited: &mut u64) -> io::Result<Usage> {
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut usage = Usage::default();
     let mut count = |md: &std::fs::Metadata| {
+        *visited += 1;
         // Only a file with other links can be met twice: remembering just
         // those keeps a walk of 100k files out of a 100k-entry set.
         if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {

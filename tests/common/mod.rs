@@ -123,7 +123,28 @@ pub struct Daemon {
     child: Option<Child>,
     /// Set for a daemon run rootless (see `start_rootless`).
     rootless: Option<Rootless>,
+    /// Set for a socket-activated daemon (see `start_activated`): the
+    /// directory where its supervisor keeps state.
+    activation: Option<PathBuf>,
 }
+
+/// What systemd does for a service with a `.socket` unit and
+/// `Restart=always`, for a test: `systemd-socket-activate` binds the
+/// socket and, at the first connection, execs this supervisor, which
+/// keeps the socket (fd 3) and starts ontop on it again each time it
+/// exits, with `LISTEN_PID` set to the new process, until `$state/stop`
+/// exists. `$state/pid` is the running ontop's pid, `$state/exits` the
+/// exit statuses.
+const SUPERVISOR: &str = r#"
+state=$1; shift
+while :; do
+  sh -c 'echo $$ > "$0/pid.new"; mv "$0/pid.new" "$0/pid"; export LISTEN_PID=$$; exec "$@"' "$state" "$@"
+  status=$?
+  echo "$status" >> "$state/exits"
+  [ -e "$state/stop" ] && exit "$status"
+  [ "$status" -eq 0 ] || sleep 0.2
+done
+"#;
 
 /// An unprivileged user, and the per-user directories ontop defaults to.
 #[derive(Debug, Clone)]
@@ -176,6 +197,33 @@ impl Daemon {
             socket,
             child: None,
             rootless: None,
+            activation: None,
+        };
+        d.spawn().await;
+        d
+    }
+
+    /// Starts a daemon with the given config, socket-activated the way
+    /// `contrib/ontop.socket` runs it (see [`SUPERVISOR`]): the socket
+    /// outlives each ontop process, and `restart` starts a new one on it.
+    pub async fn start_activated(config: &str) -> Daemon {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("ontop-test-")
+            .tempdir()
+            .expect("creating test dir");
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let state = dir.path().join("activation");
+        std::fs::create_dir_all(&state).unwrap();
+        let mut d = Daemon {
+            backend: backend(),
+            log: dir.path().join("daemon.log"),
+            root: dir.path().join("root"),
+            socket: dir.path().join("run/ontop.sock"),
+            dir,
+            child: None,
+            rootless: None,
+            activation: Some(state),
         };
         d.spawn().await;
         d
@@ -242,6 +290,7 @@ impl Daemon {
             socket: runtime_dir.join("ontop/ontop.sock"),
             dir,
             child: None,
+            activation: None,
             rootless: Some(Rootless {
                 uid,
                 gid,
@@ -255,6 +304,10 @@ impl Daemon {
     /// The pid of the running daemon, which is in its own namespaces when
     /// rootless.
     pub fn pid(&self) -> u32 {
+        if let Some(state) = &self.activation {
+            let pid = std::fs::read_to_string(state.join("pid")).expect("supervisor's pid file");
+            return pid.trim().parse().expect("a pid");
+        }
         self.child.as_ref().expect("daemon running").id()
     }
 
@@ -262,6 +315,15 @@ impl Daemon {
     /// rootless daemon setpriv and unshare, which exec into it, so the
     /// child's pid is the daemon's.
     fn command(&self) -> Command {
+        if let Some(state) = &self.activation {
+            let mut cmd = Command::new("systemd-socket-activate");
+            cmd.arg(format!("--listen={}", self.socket.display()))
+                .args(["/bin/sh", "-c", SUPERVISOR, "supervise"])
+                .arg(state)
+                .arg(BIN)
+                .args(self.args());
+            return cmd;
+        }
         let Some(r) = &self.rootless else {
             let mut cmd = Command::new(BIN);
             cmd.args(self.args());
@@ -305,6 +367,12 @@ impl Daemon {
 
     /// Starts the binary and waits until the socket answers gRPC.
     pub async fn spawn(&mut self) {
+        if let Some(state) = &self.activation {
+            let _ = std::fs::remove_file(state.join("stop"));
+            let _ = std::fs::remove_file(state.join("pid"));
+            let _ = std::fs::remove_file(&self.socket);
+            std::fs::create_dir_all(self.socket.parent().unwrap()).unwrap();
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -322,7 +390,7 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("ontop serve exited with {status}:\n{}", self.log());
             }
-            if self.socket.exists() && ontop::client::connect(&self.socket).await.is_ok() {
+            if self.socket.exists() && self.answers().await {
                 return;
             }
             assert!(
@@ -334,12 +402,32 @@ impl Daemon {
         }
     }
 
+    /// Whether a gRPC call gets an answer. A socket-activated daemon's
+    /// socket accepts connections before ontop runs, so connecting alone
+    /// proves nothing.
+    async fn answers(&self) -> bool {
+        let Ok(channel) = ontop::client::connect(&self.socket).await else {
+            return false;
+        };
+        let mut admin = AdminClient::new(channel);
+        let list = admin.list(ontop::admin::v1::ListRequest::default());
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), list).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Sends SIGTERM and waits for a clean exit, keeping the test's own
     /// runtime running so its client connections answer the server's
-    /// goodbye as a real client would.
+    /// goodbye as a real client would. A socket-activated daemon's
+    /// supervisor is told not to start it again, and exits with its
+    /// status.
     pub async fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        if let Some(state) = &self.activation {
+            std::fs::write(state.join("stop"), "").unwrap();
+        }
         let mut child = self.child.take().expect("daemon running");
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         // Past the daemon's own 10 s grace for clients that never hang up.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -357,6 +445,10 @@ impl Daemon {
 
     /// SIGKILL: a crash, with no chance to clean up.
     pub fn kill(&mut self) {
+        assert!(
+            self.activation.is_none(),
+            "kill a socket-activated daemon through pid(): its supervisor restarts it"
+        );
         let mut child = self.child.take().expect("daemon running");
         child.kill().unwrap();
         child.wait().unwrap();
@@ -370,9 +462,31 @@ impl Daemon {
         }
     }
 
+    /// Stops the daemon and starts it again. A socket-activated daemon's
+    /// socket stays up meanwhile: only the ontop process changes.
     pub async fn restart(&mut self) {
-        self.stop().await;
-        self.spawn().await;
+        if self.activation.is_none() {
+            self.stop().await;
+            self.spawn().await;
+            return;
+        }
+        let old = self.pid();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.pid() == old || !self.answers().await {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the supervisor exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ontop was not back within 20s of SIGTERM:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn log(&self) -> String {
@@ -454,6 +568,18 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Some(state) = &self.activation {
+            let _ = std::fs::write(state.join("stop"), "");
+            if let Some(pid) = std::fs::read_to_string(state.join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
         unmount_under(self.dir.path());
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

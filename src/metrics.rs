@@ -1,0 +1,402 @@
+//! Prometheus metrics: what ontop counts, and the `/metrics` endpoint
+//! that serves them in the text exposition format.
+//!
+//! The recorder is process-wide (the `metrics` crate's global): there is
+//! one daemon per process, and the places that count (the group commit in
+//! the store, the usage walk, Cleanup) are far from the server that owns
+//! the endpoint. Without a metrics address no recorder is installed, and
+//! counting costs nothing. What is cheaper to read than to count
+//! (snapshots by kind, database size, pins, process RSS) is read at
+//! scrape time.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::MetricsAddress;
+use crate::snapshotter::Snapshotter;
+
+/// The recorder's handle, once [`install`] ran: before that (and when no
+/// metrics address is set) the `metrics` macros record nothing.
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// 100 µs to about 6.5 s: a Stat's floor to a Commit walking a big layer.
+fn latency_buckets() -> Vec<f64> {
+    (0..17).map(|i| 0.0001 * 2f64.powi(i)).collect()
+}
+
+/// Installs the process-wide recorder and describes every metric.
+pub fn install() -> anyhow::Result<()> {
+    if HANDLE.get().is_some() {
+        return Ok(());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets())?
+        .set_buckets_for_metric(
+            Matcher::Full("ontop_group_commit_batch_size".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+        )?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+    let _ = HANDLE.set(handle);
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(
+        "ontop_calls_total",
+        "gRPC calls served, by method and status code"
+    );
+    describe_histogram!(
+        "ontop_call_duration_seconds",
+        Unit::Seconds,
+        "Time from a call's arrival to its answer, by method"
+    );
+    describe_gauge!("ontop_snapshots", "Snapshots in the database, by kind");
+    describe_histogram!(
+        "ontop_group_commit_batch_size",
+        "Calls made durable by one database COMMIT"
+    );
+    describe_histogram!(
+        "ontop_durable_commit_duration_seconds",
+        Unit::Seconds,
+        "Time of one database COMMIT, its fsyncs included"
+    );
+    describe_gauge!(
+        "ontop_database_size_bytes",
+        Unit::Bytes,
+        "Size of the metadata database file"
+    );
+    describe_gauge!(
+        "ontop_database_wal_size_bytes",
+        Unit::Bytes,
+        "Size of the database's write-ahead log"
+    );
+    describe_gauge!(
+        "ontop_pinned_bases",
+        "Host base directories pinned by a bind mount under the root"
+    );
+    describe_histogram!(
+        "ontop_usage_walk_duration_seconds",
+        Unit::Seconds,
+        "Time of one walk of a snapshot's tree for its disk usage"
+    );
+    describe_counter!(
+        "ontop_usage_walk_files_total",
+        "Files and directories visited by usage walks"
+    );
+    describe_counter!(
+        "ontop_cleanup_reclaimed_bytes_total",
+        Unit::Bytes,
+        "Disk space freed by Cleanup"
+    );
+    // The names every Prometheus client's process collector uses, so that
+    // standard dashboards and alerts find them.
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory size"
+    );
+    describe_gauge!("process_open_fds", "Open file descriptors");
+    describe_gauge!(
+        "process_start_time_seconds",
+        Unit::Seconds,
+        "Start time of the process since the Unix epoch"
+    );
+    describe_gauge!(
+        "ontop_build_info",
+        "Always 1: ontop's version and the backend it serves, as labels"
+    );
+}
+
+/// One finished gRPC call.
+pub fn call(method: &'static str, code: tonic::Code, took: Duration) {
+    counter!("ontop_calls_total", "method" => method, "code" => code_name(code)).increment(1);
+    histogram!("ontop_call_duration_seconds", "method" => method).record(took);
+}
+
+/// One COMMIT of the group commit: how many calls it made durable, and
+/// how long the COMMIT (its fsyncs) took.
+pub fn group_commit(calls: usize, took: Duration) {
+    histogram!("ontop_group_commit_batch_size").record(calls as f64);
+    histogram!("ontop_durable_commit_duration_seconds").record(took);
+}
+
+/// One walk of a directory tree for its disk usage.
+pub fn usage_walk(files: u64, took: Duration) {
+    histogram!("ontop_usage_walk_duration_seconds").record(took);
+    counter!("ontop_usage_walk_files_total").increment(files);
+}
+
+/// Bytes Cleanup freed.
+pub fn cleanup_reclaimed(bytes: u64) {
+    counter!("ontop_cleanup_reclaimed_bytes_total").increment(bytes);
+}
+
+/// Whether anything is recorded: Cleanup measures what it frees only then.
+pub fn enabled() -> bool {
+    HANDLE.get().is_some()
+}
+
+/// Reads what is cheaper to read than to count.
+fn refresh(core: &Snapshotter) {
+    match core.counts_by_kind() {
+        Ok(counts) => {
+            for (kind, n) in counts {
+                gauge!("ontop_snapshots", "kind" => kind.as_str()).set(n as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: could not count snapshots"),
+    }
+    let db = core.layout().db_path();
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len()) as f64;
+    gauge!("ontop_database_size_bytes").set(size(&db));
+    let mut wal = db.into_os_string();
+    wal.push("-wal");
+    gauge!("ontop_database_wal_size_bytes").set(size(wal.as_ref()));
+    if let Ok(pins) = core.layout().pinned() {
+        gauge!("ontop_pinned_bases").set(pins.len() as f64);
+    }
+    let process = ProcessStats::read();
+    gauge!("process_resident_memory_bytes").set(process.rss_bytes as f64);
+    gauge!("process_open_fds").set(process.open_fds as f64);
+    gauge!("process_start_time_seconds").set(process.start_time);
+    gauge!(
+        "ontop_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "backend" => core.backend().as_str()
+    )
+    .set(1.0);
+}
+
+/// The text exposition of every metric, in Prometheus's text format.
+pub fn render(core: &Snapshotter) -> String {
+    let Some(handle) = HANDLE.get() else {
+        return String::new();
+    };
+    refresh(core);
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// The name gRPC gives a status code, as grpc-go's `codes.Code.String()`.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+struct ProcessStats {
+    rss_bytes: i64,
+    open_fds: i64,
+    start_time: f64,
+}
+
+impl ProcessStats {
+    fn read() -> ProcessStats {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096);
+        // statm: size resident shared ... in pages.
+        let rss_pages = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+            .unwrap_or(0);
+        let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
+        ProcessStats {
+            rss_bytes: rss_pages * page,
+            open_fds,
+            start_time: start_time().unwrap_or(0.0),
+        }
+    }
+}
+
+/// When this process started, from its start tick in /proc/self/stat and
+/// the boot time in /proc/stat.
+fn start_time() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command, which may hold spaces, end with ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let ticks: f64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()? as f64;
+    let boot: f64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(boot + ticks / hz)
+}
+
+/// Serves `/metrics` on `address` until `shutdown` resolves. Each scrape
+/// reads the database on the blocking pool, like any other call.
+pub async fn serve(
+    address: &MetricsAddress,
+    core: Arc<Snapshotter>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = match address {
+        MetricsAddress::Tcp(a) => Listener::Tcp(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the metrics address {a}"))?,
+        ),
+        MetricsAddress::Unix(p) => {
+            if std::fs::symlink_metadata(p).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(p);
+            }
+            Listener::Unix(
+                tokio::net::UnixListener::bind(p)
+                    .with_context(|| format!("binding the metrics socket {}", p.display()))?,
+            )
+        }
+    };
+    tracing::info!(address = %address, "serving Prometheus metrics at /metrics");
+    Ok(tokio::spawn(async move {
+        tokio::pin!(shutdown);
+        loop {
+            let io = tokio::select! {
+                _ = &mut shutdown => return,
+                io = listener.accept() => io,
+            };
+            match io {
+                Ok(io) => {
+                    let core = Arc::clone(&core);
+                    tokio::spawn(serve_connection(io, core));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }))
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+type Io = Box<dyn AsyncStream>;
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncStream for T {}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Io> {
+        Ok(match self {
+            Listener::Tcp(l) => Box::new(l.accept().await?.0),
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
+async fn serve_connection(io: Io, core: Arc<Snapshotter>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Method, Response, StatusCode};
+
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let core = Arc::clone(&core);
+        async move {
+            let reply = |status: StatusCode, content_type: &str, body: String| {
+                Response::builder()
+                    .status(status)
+                    .header("content-type", content_type)
+                    .body(Full::new(Bytes::from(body)))
+            };
+            if req.uri().path() != "/metrics" {
+                return reply(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "ontop serves /metrics only\n".into(),
+                );
+            }
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                return reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "text/plain",
+                    "GET /metrics\n".into(),
+                );
+            }
+            match tokio::task::spawn_blocking(move || render(&core)).await {
+                Ok(text) => reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    text,
+                ),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("rendering metrics failed: {e}\n"),
+                ),
+            }
+        }
+    });
+    let io = hyper_util::rt::TokioIo::new(io);
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .await
+    {
+        tracing::debug!(error = %e, "metrics connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_grpc_go_s() {
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
+        assert_eq!(code_name(tonic::Code::Cancelled), "Canceled");
+        assert_eq!(
+            code_name(tonic::Code::FailedPrecondition),
+            "FailedPrecondition"
+        );
+    }
+
+    #[test]
+    fn process_stats_are_read_from_proc() {
+        let p = ProcessStats::read();
+        assert!(p.rss_bytes > 0);
+        assert!(p.open_fds >= 3);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(p.start_time > now - 3600.0 && p.start_time <= now + 1.0);
+    }
+}

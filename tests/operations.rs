@@ -1,0 +1,632 @@
+//! ontop as operators run it: socket-activated restarts that no client
+//! notices, systemd's readiness and watchdog protocol, the gRPC health
+//! service, per-call logs, and Prometheus metrics scraped by a real
+//! Prometheus server.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::containerd::eventually;
+use common::{Daemon, Rpc, BIN};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const SNAPSHOTS_SERVICE: &str = "containerd.services.snapshots.v1.Snapshots";
+
+#[tokio::test]
+async fn a_socket_activated_daemon_serves_on_the_inherited_socket_and_leaves_it_in_place() {
+    let mut d = Daemon::start_activated("").await;
+    let socket_ino = std::fs::metadata(&d.socket).unwrap().ino();
+    let mut c = d.client().await;
+    c.prepare("a", "").await.unwrap();
+    c.commit("a-c", "a").await.unwrap();
+    assert!(d.log().contains("activated=true"), "{}", d.log());
+
+    let first = d.pid();
+    d.restart().await;
+    assert_ne!(d.pid(), first, "a new process serves");
+    // The socket is systemd's: the old process neither removed it nor did
+    // the new one bind another.
+    assert_eq!(std::fs::metadata(&d.socket).unwrap().ino(), socket_ino);
+    let mut c = d.client().await;
+    assert_eq!(c.stat("a-c").await.unwrap().name, "a-c");
+
+    assert!(d.stop().await.success(), "{}", d.log());
+    assert!(
+        d.socket.exists(),
+        "the socket belongs to systemd, not ontop"
+    );
+}
+
+#[tokio::test]
+async fn a_socket_passed_for_another_process_is_ignored_and_a_wrong_one_is_refused() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ontop.sock");
+    let serve = |listen_pid: &str, listen_fds: &str| {
+        Command::new(BIN)
+            .args(["serve", "--root"])
+            .arg(dir.path().join("root"))
+            .arg("--address")
+            .arg(&socket)
+            .env("LISTEN_PID", listen_pid)
+            .env("LISTEN_FDS", listen_fds)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Meant for a parent (LISTEN_PID is not ontop's): ontop binds its own.
+    let mut child = serve("1", "1");
+    eventually(10, "ontop to bind its own socket", || socket.exists()).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    // Two sockets for ontop: refused with the reason, never a guess.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("export LISTEN_PID=$$ LISTEN_FDS=2; exec \"$@\"")
+        .arg("sh")
+        .arg(BIN)
+        .args(["serve", "--root"])
+        .arg(dir.path().join("root"))
+        .arg("--address")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("passed 2 sockets"), "{err}");
+}
+
+/// What one load connection saw.
+#[derive(Default)]
+struct Seen {
+    ok: u64,
+    failed: u64,
+    /// The longest time between two answers on one connection.
+    longest_gap: Duration,
+    acknowledged: Vec<String>,
+    first_error: Option<String>,
+    /// Calls made again because they never left the client.
+    retried: u64,
+    last_answer: Option<Instant>,
+}
+
+impl Seen {
+    /// Counts one call; the value when it succeeded.
+    fn note<T>(&mut self, r: Rpc<T>) -> Option<T> {
+        match r {
+            Ok(v) => {
+                self.ok += 1;
+                let now = Instant::now();
+                if let Some(last) = self.last_answer.replace(now) {
+                    self.longest_gap = self.longest_gap.max(now - last);
+                }
+                Some(v)
+            }
+            Err(e) => {
+                self.failed += 1;
+                self.first_error.get_or_insert_with(|| {
+                    let mut chain = format!("{}: {}", e.code(), e.message());
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        chain.push_str(&format!(" <- {s:?}"));
+                        source = s.source();
+                    }
+                    chain
+                });
+                None
+            }
+        }
+    }
+}
+
+/// Whether a call failed before its request left this process: hyper
+/// cancels a request still queued for a connection that closes (here, one
+/// the server said goodbye on). gRPC clients retry exactly these by
+/// themselves, as the retry design (gRFC A6) says and grpc-go, which
+/// containerd uses, does: the server never saw them, so a retry cannot
+/// run one twice. tonic does not, so this client does.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Makes a call, again while it was never sent (see [`never_sent`]).
+macro_rules! transparently {
+    ($seen:expr, $call:expr) => {{
+        loop {
+            let r = $call;
+            match &r {
+                Err(e) if never_sent(e) && $seen.retried < 1000 => $seen.retried += 1,
+                _ => break r,
+            }
+        }
+    }};
+}
+
+/// Prepare, Mounts, Commit, Stat and List in a loop on one connection of
+/// its own until `stop`; a failed call starts the next round.
+async fn load(mut c: common::Client, worker: usize, stop: Arc<AtomicBool>) -> Seen {
+    let mut seen = Seen::default();
+    let mut round = 0;
+    while !stop.load(Ordering::Relaxed) {
+        round += 1;
+        let active = format!("w{worker}-{round}");
+        let name = format!("{active}-c");
+        let prepared = transparently!(seen, c.prepare(&active, "").await);
+        if seen.note(prepared).is_none() {
+            continue;
+        }
+        let mounts = transparently!(seen, c.mounts(&active).await);
+        if seen.note(mounts).is_none() {
+            continue;
+        }
+        let committed = transparently!(seen, c.commit(&name, &active).await);
+        if seen.note(committed).is_none() {
+            continue;
+        }
+        seen.acknowledged.push(name.clone());
+        let stat = transparently!(seen, c.stat(&name).await);
+        if seen.note(stat).is_none() {
+            continue;
+        }
+        let filter = format!("name=={name}");
+        let listed = transparently!(seen, c.list(&[filter.as_str()]).await);
+        seen.note(listed);
+    }
+    seen
+}
+
+/// Restarts `d` ten times under load on eight connections; returns calls
+/// answered, calls failed, and the longest time a connection went without
+/// an answer.
+async fn restarts_under_load(d: &mut Daemon) -> (u64, u64, Duration) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        // A connection each, made before the first restart.
+        let client = d.client().await;
+        workers.push(tokio::spawn(load(client, w, Arc::clone(&stop))));
+    }
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        d.restart().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Seen::default();
+    for w in workers {
+        let seen = w.await.unwrap();
+        all.ok += seen.ok;
+        all.failed += seen.failed;
+        all.retried += seen.retried;
+        all.longest_gap = all.longest_gap.max(seen.longest_gap);
+        all.acknowledged.extend(seen.acknowledged);
+        if all.first_error.is_none() {
+            all.first_error = seen.first_error;
+        }
+    }
+    // Every Commit that was acknowledged is there after the restarts.
+    let mut c = d.client().await;
+    for name in &all.acknowledged {
+        let info = c.stat(name).await;
+        assert!(
+            info.is_ok(),
+            "acknowledged commit {name} was lost: {info:?}"
+        );
+    }
+    if let Some(e) = &all.first_error {
+        println!("  first failure: {e}");
+    }
+    println!(
+        "  {} calls made again because they never left the client",
+        all.retried
+    );
+    (all.ok, all.failed, all.longest_gap)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_restarts_under_load_fail_no_call_when_socket_activated() {
+    let mut activated = Daemon::start_activated("").await;
+    let (ok, failed, gap) = restarts_under_load(&mut activated).await;
+    println!("socket-activated: {ok} calls answered, {failed} failed, longest gap {gap:?}");
+    let activated_result = (ok, failed);
+
+    let mut bound = Daemon::start().await;
+    let (ok, failed, gap) = restarts_under_load(&mut bound).await;
+    println!("binding its own socket: {ok} calls answered, {failed} failed, longest gap {gap:?}");
+
+    assert!(activated_result.0 > 0, "the load made calls");
+    assert_eq!(
+        activated_result.1,
+        0,
+        "socket-activated restarts failed calls:\n{}",
+        common::containerd::tail(&activated.log(), 40)
+    );
+}
+
+/// A NOTIFY_SOCKET of the test's own, as systemd's.
+struct Manager {
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl Manager {
+    fn new(dir: &std::path::Path) -> Manager {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        Manager { socket, path }
+    }
+
+    /// The next notification, whole.
+    fn next(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).expect("a notification in 15s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Notifications until one holds `what`; returns all of them.
+    fn until(&self, what: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let m = self.next();
+            let done = m.lines().any(|l| l == what);
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_once_calls_are_answered_then_the_watchdog_then_stopping() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let manager = Manager::new(dir.path());
+    let socket = dir.path().join("ontop.sock");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--root"])
+        .arg(dir.path().join("root"))
+        .arg("--address")
+        .arg(&socket)
+        .env("NOTIFY_SOCKET", &manager.path)
+        // 400 ms: fed every 200 ms.
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+
+    let ready = tokio::task::block_in_place(|| manager.next());
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // Ready means answering: the first call after it succeeds, no retry.
+    let channel = ontop::client::connect(&socket).await.unwrap();
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: SNAPSHOTS_SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+
+    let fed = tokio::task::block_in_place(|| {
+        let mut fed = Vec::new();
+        while fed.len() < 3 {
+            let m = manager.next();
+            if m.lines().any(|l| l == "WATCHDOG=1") {
+                fed.push(m);
+            }
+        }
+        fed
+    });
+    assert!(
+        fed[0].contains("STATUS=serving, 0 snapshots"),
+        "the status says what ontop does: {fed:?}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stopping = tokio::task::block_in_place(|| manager.until("STOPPING=1"));
+    assert!(
+        stopping.last().unwrap().contains("STATUS=shutting down"),
+        "{stopping:?}"
+    );
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_serving_and_a_watcher_hears_not_serving_at_shutdown() {
+    let mut d = Daemon::start().await;
+    let mut health = HealthClient::new(ontop::client::connect(&d.socket).await.unwrap());
+    for service in ["", SNAPSHOTS_SERVICE] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: SNAPSHOTS_SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("a status change within 5s of SIGTERM")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    // The watcher hangs up, as probes do, and the stop completes.
+    drop(watch);
+    drop(health);
+    assert!(d.stop().await.success(), "{}", d.log());
+}
+
+#[tokio::test]
+async fn every_call_is_logged_with_method_key_code_and_duration_and_slow_ones_warn() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    c.prepare("logged", "").await.unwrap();
+    let _ = c.stat("missing").await;
+    let log = d.log();
+    assert!(
+        log.contains(r#"call method="Prepare" key="logged" code="OK" duration_ms="#),
+        "{log}"
+    );
+    assert!(
+        log.contains(r#"call method="Stat" key="missing" code="NotFound""#),
+        "{log}"
+    );
+    assert!(!log.contains("slow call"), "{log}");
+
+    // Every call is slow past a threshold of a nanosecond; JSON carries
+    // the same fields.
+    let d = Daemon::start_with_config("slow_call_seconds = 1e-9\nlog_format = \"json\"\n").await;
+    let mut c = d.client().await;
+    c.prepare("slow", "").await.unwrap();
+    let log = d.log();
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "slow call")
+        .unwrap_or_else(|| panic!("no slow call in the JSON log:\n{log}"));
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["fields"]["method"], "Prepare");
+    assert_eq!(line["fields"]["key"], "slow");
+    assert_eq!(line["fields"]["code"], "OK");
+    assert!(line["fields"]["duration_ms"].as_f64().unwrap() > 0.0);
+}
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` from 127.0.0.1:`port` over HTTP/1.0; the status and body.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn require(program: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{program} is missing: install Debian's prometheus package (scripts/test.sh does)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls() {
+    require("promtool");
+    require("prometheus");
+    let port = free_port();
+    let d = Daemon::start_with_config(&format!("metrics_address = \"127.0.0.1:{port}\"\n")).await;
+    let mut c = d.client().await;
+    for i in 0..25 {
+        c.prepare(&format!("p{i}"), "").await.unwrap();
+    }
+    c.commit("p0-c", "p0").await.unwrap();
+    let _ = c.stat("missing").await;
+    let _ = c.usage("p1").await;
+
+    let (status, scrape) = http_get(port, "/metrics");
+    assert_eq!(status, 200, "{scrape}");
+    for expected in [
+        r#"ontop_calls_total{method="Prepare",code="OK"} 25"#,
+        r#"ontop_calls_total{method="Stat",code="NotFound"} 1"#,
+        r#"ontop_call_duration_seconds_bucket{method="Prepare",le="+Inf"} 25"#,
+        r#"ontop_snapshots{kind="active"} 24"#,
+        r#"ontop_snapshots{kind="committed"} 1"#,
+        "ontop_group_commit_batch_size_count",
+        "ontop_durable_commit_duration_seconds_bucket",
+        "ontop_database_size_bytes",
+        "ontop_database_wal_size_bytes",
+        "ontop_pinned_bases 0",
+        "ontop_usage_walk_duration_seconds_count",
+        "ontop_usage_walk_files_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        r#"ontop_build_info{version=""#,
+    ] {
+        assert!(scrape.contains(expected), "no {expected} in:\n{scrape}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(http_get(port, "/other").0, 404);
+
+    // A real Prometheus scrapes ontop every second, with the sample alerts.
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("contrib/prometheus/ontop-alerts.yml");
+    let check = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "promtool check rules:\n{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let prom_dir = d.dir.path().join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    std::fs::write(
+        prom_dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files: [{rules:?}]\n\
+             scrape_configs:\n  - job_name: ontop\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+        ),
+    )
+    .unwrap();
+    let prom_port = free_port();
+    let prometheus = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            prom_dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            prom_dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(prom_dir.join("log")).unwrap())
+        .spawn()
+        .expect("starting prometheus");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prometheus = Kill(prometheus);
+    let query = percent_encode(r#"sum(ontop_calls_total{method="Prepare",code="OK"})"#);
+    let mut last = String::new();
+    let answered = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", prom_port)).is_ok() {
+                let (status, body) = http_get(prom_port, &format!("/api/v1/query?query={query}"));
+                if status == 200 {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    if v["data"]["result"][0]["value"][1] == "25" {
+                        return true;
+                    }
+                }
+                last = body;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        false
+    });
+    assert!(
+        answered,
+        "Prometheus did not report 25 Prepare calls; last answer: {last}\n{}",
+        std::fs::read_to_string(prom_dir.join("log")).unwrap_or_default()
+    );
+    let (_, rules_loaded) = http_get(prom_port, "/api/v1/rules");
+    assert!(rules_loaded.contains("OntopCallErrors"), "{rules_loaded}");
+}
