@@ -642,12 +642,50 @@ async fn garbage_collection_finishes_across_ontop_restarts_and_crashes() {
     assert!(c.list(&[]).await.unwrap().is_empty());
 }
 
+/// The scenario, with ontop socket-activated: a chain made with
+/// ctr, a restart of ontop, `ctr run --rm` right after it (its removal
+/// starts a collection), then the chain and the image removed. containerd
+/// never meets a refused connection, so every collection reaches ontop,
+/// and in the end neither has anything left, with no later removal needed
+/// to retry a failed one (no `after_gc` nudges here).
+async fn garbage_collection_across_a_socket_activated_restart_leaves_nothing() {
+    let mut d = Daemon::start_activated("").await;
+    let ctd = Containerd::start(&d).await;
+    ctd.import_image();
+    ctd.snapshots(&["prepare", "chain-1"]);
+    ctd.snapshots(&["commit", "chain-1-c", "chain-1"]);
+    ctd.snapshots(&["prepare", "chain-2", "chain-1-c"]);
+    ctd.snapshots(&["commit", "chain-2-c", "chain-2"]);
+    ctd.snapshots(&["prepare", "chain-3", "chain-2-c"]);
+
+    d.restart().await;
+    // Right away, and once: no retry.
+    assert_eq!(ctd.run("after-restart", "echo ran"), "ran\n");
+    for key in ["chain-3", "chain-2-c", "chain-1-c"] {
+        ctd.snapshots(&["rm", key]);
+    }
+    ctd.ctr_ok(&["images", "rm", "--sync", common::containerd::IMAGE]);
+    eventually(15, "containerd's collections to leave nothing", || {
+        ctd.snapshot_keys().is_empty() && d.snapshot_dirs().is_empty()
+    })
+    .await;
+    let log = ctd.log();
+    assert!(
+        !log.contains("garbage collection failed"),
+        "a collection failed:\n{}",
+        common::containerd::tail(&log, 30)
+    );
+    let mut c = d.client().await;
+    assert!(c.list(&[]).await.unwrap().is_empty());
+}
+
 on_every_containerd!(
     an_image_unpacks_through_ontop_and_ctr_shows_its_chain,
     containers_see_the_image_rootfs_and_keep_their_writes_to_themselves,
     ctr_snapshot_commands_drive_ontop_directly,
     garbage_collection_leaves_nothing_behind,
     garbage_collection_finishes_across_ontop_restarts_and_crashes,
+    garbage_collection_across_a_socket_activated_restart_leaves_nothing,
     containerd_keeps_working_across_ontop_restarts,
     a_container_runs_on_a_host_directory_under_the_image_layers,
     user_namespaced_containers_see_the_image_owners_mapped,

@@ -630,3 +630,36 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
     let (_, rules_loaded) = http_get(prom_port, "/api/v1/rules");
     assert!(rules_loaded.contains("OntopCallErrors"), "{rules_loaded}");
 }
+
+#[test]
+fn the_contrib_units_pass_systemd_analyze_and_listen_where_ontop_serves() {
+    let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = std::fs::read_to_string(contrib.join("ontop.socket")).unwrap();
+    assert!(
+        socket
+            .lines()
+            .any(|l| l == format!("ListenStream={}", ontop::config::DEFAULT_ADDRESS)),
+        "ontop.socket listens where ontop serves by default"
+    );
+    assert!(socket.lines().any(|l| l == "SocketMode=0660"));
+    // verify checks that ExecStart= exists: point it at this build.
+    let service = std::fs::read_to_string(contrib.join("ontop.service"))
+        .unwrap()
+        .replace("/usr/local/bin/ontop", BIN);
+    assert!(service.lines().any(|l| l == "Type=notify"));
+    assert!(service.lines().any(|l| l.starts_with("WatchdogSec=")));
+    std::fs::write(dir.path().join("ontop.socket"), socket).unwrap();
+    std::fs::write(dir.path().join("ontop.service"), service).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path().join("ontop.socket"))
+        .arg(dir.path().join("ontop.service"))
+        .output()
+        .expect("systemd-analyze (package systemd) is missing");
+    let complaints = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "systemd-analyze verify:\n{complaints}"
+    );
+}
