@@ -504,11 +504,22 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
     require("promtool");
     require("prometheus");
     let port = free_port();
-    let d = Daemon::start_with_config(&format!("metrics_address = \"127.0.0.1:{port}\"\n")).await;
+    let d = Daemon::start_with_config(&format!(
+        "metrics_address = \"127.0.0.1:{port}\"\nasync_remove = true\n"
+    ))
+    .await;
     let mut c = d.client().await;
-    for i in 0..25 {
+    // A layer of 1 MiB, removed: Cleanup reclaims it.
+    c.layer(&d, "big", "", |dir| {
+        std::fs::write(dir.join("blob"), vec![7u8; 1 << 20]).unwrap()
+    })
+    .await;
+    c.remove("big").await.unwrap();
+    c.cleanup().await.unwrap();
+    for i in 1..25 {
         c.prepare(&format!("p{i}"), "").await.unwrap();
     }
+    c.prepare("p0", "").await.unwrap();
     c.commit("p0-c", "p0").await.unwrap();
     let _ = c.stat("missing").await;
     let _ = c.usage("p1").await;
@@ -516,9 +527,9 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
     let (status, scrape) = http_get(port, "/metrics");
     assert_eq!(status, 200, "{scrape}");
     for expected in [
-        r#"ontop_calls_total{method="Prepare",code="OK"} 25"#,
+        r#"ontop_calls_total{method="Prepare",code="OK"} 26"#,
         r#"ontop_calls_total{method="Stat",code="NotFound"} 1"#,
-        r#"ontop_call_duration_seconds_bucket{method="Prepare",le="+Inf"} 25"#,
+        r#"ontop_call_duration_seconds_bucket{method="Prepare",le="+Inf"} 26"#,
         r#"ontop_snapshots{kind="active"} 24"#,
         r#"ontop_snapshots{kind="committed"} 1"#,
         "ontop_group_commit_batch_size_count",
@@ -528,6 +539,7 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
         "ontop_pinned_bases 0",
         "ontop_usage_walk_duration_seconds_count",
         "ontop_usage_walk_files_total",
+        "ontop_cleanup_reclaimed_bytes_total",
         "process_resident_memory_bytes",
         "process_open_fds",
         r#"ontop_build_info{version=""#,
@@ -554,6 +566,12 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    let reclaimed: f64 = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("ontop_cleanup_reclaimed_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(reclaimed >= (1 << 20) as f64, "{reclaimed}");
     assert_eq!(http_get(port, "/other").0, 404);
 
     // A real Prometheus scrapes ontop every second, with the sample alerts.
@@ -612,7 +630,7 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
                 let (status, body) = http_get(prom_port, &format!("/api/v1/query?query={query}"));
                 if status == 200 {
                     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                    if v["data"]["result"][0]["value"][1] == "25" {
+                    if v["data"]["result"][0]["value"][1] == "26" {
                         return true;
                     }
                 }
@@ -624,7 +642,7 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
     });
     assert!(
         answered,
-        "Prometheus did not report 25 Prepare calls; last answer: {last}\n{}",
+        "Prometheus did not report 26 Prepare calls; last answer: {last}\n{}",
         std::fs::read_to_string(prom_dir.join("log")).unwrap_or_default()
     );
     let (_, rules_loaded) = http_get(prom_port, "/api/v1/rules");
