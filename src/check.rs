@@ -16,6 +16,8 @@ use std::fmt;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
+use anyhow::Context as _;
+
 use crate::base;
 use crate::error::Result;
 use crate::layout::{self, Layout};
@@ -218,4 +220,33 @@ fn check_base(layout: &Layout, rec: &Record, repair: bool) -> Option<Finding> {
         });
     }
     None
+}
+
+/// `ontop check --root`: the root's lock keeps a daemon from starting
+/// meanwhile, and refuses a root a daemon serves.
+pub fn offline(root: &std::path::Path, repair: bool) -> anyhow::Result<Vec<Finding>> {
+    let layout = crate::layout::Layout::new(root);
+    anyhow::ensure!(
+        layout.db_path().exists(),
+        "{} holds no ontop database",
+        root.display()
+    );
+    let _lock = layout.lock().with_context(|| {
+        format!(
+            "{} is in use; check it through its daemon with --address",
+            root.display()
+        )
+    })?;
+    let store = crate::store::Store::open(&layout.db_path())?;
+    Ok(run(&layout, &store, repair, true)?)
+}
+
+impl From<Finding> for crate::admin::v1::Finding {
+    fn from(f: Finding) -> Self {
+        crate::admin::v1::Finding {
+            needs_person: !f.repaired && !f.problem.repairable(),
+            problem: f.problem.to_string(),
+            repaired: f.repaired,
+        }
+    }
 }

@@ -433,15 +433,7 @@ impl admin::admin_server::Admin for AdminService {
         let repair = req.into_inner().repair;
         let findings = blocking(&self.core, move |c| c.check(repair)).await?;
         Ok(Response::new(admin::CheckResponse {
-            findings: findings.into_iter().map(finding).collect(),
+            findings: findings.into_iter().map(Into::into).collect(),
         }))
-    }
-}
-
-pub fn finding(f: crate::check::Finding) -> admin::Finding {
-    admin::Finding {
-        needs_person: !f.repaired && !f.problem.repairable(),
-        problem: f.problem.to_string(),
-        repaired: f.repaired,
     }
 }

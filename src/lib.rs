@@ -1,42 +1,59 @@
 //! ontop: a containerd snapshotter served as a proxy plugin.
 //!
-//! - [`grpc`] translates containerd's Snapshots API and ontop's admin API;
-//! - [`snapshotter`] holds the contract's rules and orders transactions
+//! The daemon, from the socket inwards:
+//! - [`server`] binds the socket (or takes systemd's), serves the gRPC
+//!   services and the metrics endpoint, and shuts down gracefully;
+//! - `grpc` translates containerd's Snapshots API and ontop's admin API;
+//! - `snapshotter` holds the contract's rules and orders transactions
 //!   against filesystem steps;
-//! - [`store`] owns the SQLite schema and every query;
-//! - [`layout`] owns the directories under the root;
-//! - [`backend`] checks that kernel overlayfs or fuse-overlayfs works here;
-//! - [`mounts`] and [`filter`] are pure: mount specs, and containerd's
-//!   filter language;
-//! - [`watch`] tells which upper dirs changed, so Usage walks only those;
-//! - [`caller`] tells a containerd 1.x caller from the rest;
-//! - [`containerd_config`] writes containerd's config for ontop.
+//! - `store` owns the SQLite schema and every query, and the group commit;
+//! - `layout` owns the directories under the root; [`pin`] holds host
+//!   bases with bind mounts; [`base`] decides which bases are allowed;
+//! - `mounts` (mount specs) and [`filter`] (containerd's filter language)
+//!   are pure; `labels` and `idmap` check and parse what labels ask for;
+//! - [`usage`] counts a tree's disk usage; `watch` tells which upper dirs
+//!   changed, so Usage walks only those;
+//! - `caller` tells a containerd 1.x caller from the rest;
+//! - `error` is the one mapping of errors to gRPC codes;
+//! - `metrics` counts for Prometheus; `systemd` speaks socket activation
+//!   and sd_notify.
+//!
+//! Shared by the daemon and the tools: [`config`], [`backend`] (the two
+//! ways mounts are made, checked at start-up), [`snapshot`] (the domain
+//! model). The command line's own: [`cli`], [`check`] (`ontop check`),
+//! [`containerd_config`] (`ontop containerd-config`), [`mod@bench`]; and
+//! [`client`] and [`mounter`], which talk to a snapshotter and mount what
+//! it returns the way containerd does, for the bench and the tests.
+//!
+//! Only what the binary and the tests use is public; the daemon's insides
+//! are `pub(crate)`, so the compiler reports what nothing uses.
 
 pub mod backend;
 pub mod base;
 pub mod bench;
-pub mod caller;
+pub(crate) mod caller;
 pub mod check;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod containerd_config;
-pub mod error;
+pub(crate) mod error;
 pub mod filter;
-pub mod grpc;
-pub mod idmap;
-pub mod labels;
-pub mod layout;
-pub mod metrics;
+pub(crate) mod grpc;
+pub(crate) mod idmap;
+pub(crate) mod labels;
+pub(crate) mod layout;
+pub(crate) mod metrics;
 pub mod mounter;
-pub mod mounts;
+pub(crate) mod mounts;
 pub mod pin;
 pub mod server;
 pub mod snapshot;
-pub mod snapshotter;
-pub mod store;
-pub mod systemd;
+pub(crate) mod snapshotter;
+pub(crate) mod store;
+pub(crate) mod systemd;
 pub mod usage;
-pub mod watch;
+pub(crate) mod watch;
 
 /// ontop's own `ontop.v1` admin API.
 pub mod admin {

@@ -1,7 +1,7 @@
 //! The domain model: what a snapshot is, independent of wire and storage.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The three kinds containerd knows. The numbers are the wire values of
 /// containerd's `Kind` enum and are also what the metadata store persists.
@@ -70,10 +70,6 @@ impl Timestamp {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         Timestamp(i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-    }
-
-    pub fn to_system_time(self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_nanos(self.0.max(0) as u64)
     }
 }
 

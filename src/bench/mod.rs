@@ -8,6 +8,7 @@
 //! take turns repetition by repetition, so the machine's noise falls on all
 //! of them alike. The first target is the baseline of every ratio.
 
+mod args;
 mod stats;
 mod target;
 mod workloads;
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
 
+pub use args::BenchArgs;
 pub use stats::{Row, Series};
 pub use target::{Spec, Target};
 pub use workloads::GROUPS;
