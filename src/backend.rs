@@ -115,7 +115,7 @@ fn find_on_path(program: &str) -> anyhow::Result<PathBuf> {
 /// it, and takes it down again.
 fn trial_mount(binary: &Path, scratch: &Path) -> anyhow::Result<()> {
     let dir = scratch.join(format!("fuse-check-{}", std::process::id()));
-    let _ = crate::layout::remove_all(&dir);
+    let _ = crate::removal::remove_all(&dir);
     let [l1, l2, upper, work, merged] =
         ["lower1", "lower2", "upper", "work", "merged"].map(|n| dir.join(n));
     for d in [&l1, &l2, &upper, &work, &merged] {
@@ -150,7 +150,7 @@ fn trial_mount(binary: &Path, scratch: &Path) -> anyhow::Result<()> {
         }
         Ok(())
     });
-    let _ = crate::layout::remove_all(&dir);
+    let _ = crate::removal::remove_all(&dir);
     result
 }
 

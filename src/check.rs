@@ -20,7 +20,7 @@ use anyhow::Context as _;
 
 use crate::base;
 use crate::error::Result;
-use crate::layout::{self, Layout};
+use crate::layout::Layout;
 use crate::pin;
 use crate::snapshot::{Id, Kind};
 use crate::store::{Record, Store};
@@ -173,11 +173,11 @@ pub fn run(
         Ok(())
     })?;
     for p in trashed {
-        layout::remove_all(&p).map_err(anyhow::Error::from)?;
+        crate::removal::remove_all(&p).map_err(anyhow::Error::from)?;
     }
     if temporaries {
         for p in layout.temporaries().map_err(anyhow::Error::from)? {
-            let repaired = repair && layout::remove_all(&p).is_ok();
+            let repaired = repair && crate::removal::remove_all(&p).is_ok();
             findings.push(Finding {
                 problem: Problem::Leftover(p),
                 repaired,

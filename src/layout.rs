@@ -20,31 +20,34 @@
 //! renames a directory owns its deletion, and nothing can be half-deleted at
 //! a path the database might point to.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context as _};
 
 use crate::pin;
+use crate::removal::{ignore_missing, remove_all};
 use crate::snapshot::{Id, Kind};
 
 #[derive(Debug, Clone)]
 pub struct Layout {
     root: PathBuf,
+    /// Orders pinning against discarding, so that a Mounts racing a
+    /// Remove never pins into a directory on its way to the trash. Per
+    /// root, shared by clones; one process serves a root once (the root
+    /// lock), so no other `Layout` of the same root discards meanwhile.
+    pins: Arc<Mutex<()>>,
 }
 
+/// Process-wide, not per root: it only makes temporary names unique
+/// among this process's threads (the pid covers other processes).
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
-
-/// Orders pinning against discarding, so that a Mounts racing a Remove
-/// never pins into a directory on its way to the trash.
-static PINS: Mutex<()> = Mutex::new(());
 
 fn unique_name(prefix: &str) -> String {
     format!(
@@ -56,7 +59,10 @@ fn unique_name(prefix: &str) -> String {
 
 impl Layout {
     pub fn new(root: impl Into<PathBuf>) -> Layout {
-        Layout { root: root.into() }
+        Layout {
+            root: root.into(),
+            pins: Arc::default(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -97,7 +103,7 @@ impl Layout {
     /// snapshot's base dir, unless it is pinned there already. NotFound
     /// means the snapshot's directory is gone: it was removed meanwhile.
     pub fn pin_base(&self, id: Id, base: BorrowedFd<'_>) -> io::Result<()> {
-        let _pins = PINS.lock().unwrap_or_else(|e| e.into_inner());
+        let _pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
         // Under the lock, a directory still here is not being discarded.
         fs::symlink_metadata(self.snapshot_dir(id))?;
         let target = self.base_dir(id);
@@ -136,7 +142,7 @@ impl Layout {
 
     /// Unpins the snapshot's base and removes its base dir, if any.
     pub fn unpin_base(&self, id: Id) -> io::Result<()> {
-        let _pins = PINS.lock().unwrap_or_else(|e| e.into_inner());
+        let _pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
         remove_base_dir(&self.base_dir(id))
     }
 
@@ -293,7 +299,7 @@ impl Layout {
     /// Unpins a base first: a pin is a mount, and the trash must hold
     /// nothing but ontop's own files.
     fn discard_path(&self, path: &Path) -> io::Result<Option<PathBuf>> {
-        let _pins = PINS.lock().unwrap_or_else(|e| e.into_inner());
+        let _pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
         pin::unpin(&path.join("base"))?;
         let name = path
             .file_name()
@@ -356,131 +362,6 @@ impl Layout {
     }
 }
 
-/// Removes a tree, ignoring that it is already gone.
-///
-/// It never deletes through a mount. The only mounts under the root are
-/// base pins, which show host directories; one met on the way (a crash
-/// can leave a pin in `tmp/`) is detached first, and if it will not go,
-/// the removal fails and leaves it. Directories are opened relative to
-/// their parent with `O_NOFOLLOW`, so a symlink swapped in by a container
-/// still writing to its upper cannot lead the removal out of the tree.
-pub fn remove_all(path: &Path) -> io::Result<()> {
-    let md = match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        other => other?,
-    };
-    if !md.is_dir() {
-        return ignore_missing(fs::remove_file(path));
-    }
-    let dir = open_subdir(None, path)?;
-    let mount = pin::mount_of(Some(dir.as_fd()), Path::new(""))?;
-    remove_contents(&dir, path, mount)?;
-    ignore_missing(fs::remove_dir(path))
-}
-
-/// Empties `dir`, which is on `mount`, without leaving that mount.
-fn remove_contents(dir: &OwnedFd, path: &Path, mount: u64) -> io::Result<()> {
-    let mut listing = nix::dir::Dir::from_fd(nix::unistd::dup(dir.as_raw_fd())?)?;
-    let mut entries = Vec::new();
-    for entry in listing.iter() {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name.to_bytes() != b"." && name.to_bytes() != b".." {
-            let is_dir = match entry.file_type() {
-                Some(t) => t == nix::dir::Type::Directory,
-                None => nix::sys::stat::fstatat(
-                    Some(dir.as_raw_fd()),
-                    name,
-                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                )
-                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)?,
-            };
-            entries.push((OsStr::from_bytes(name.to_bytes()).to_owned(), is_dir));
-        }
-    }
-    drop(listing);
-    for (name, is_dir) in entries {
-        let name = Path::new(&name);
-        if !is_dir {
-            unlink_at(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)?;
-            continue;
-        }
-        let child = path.join(name);
-        let Some(sub) = open_on_mount(dir, name, mount, &child)? else {
-            continue;
-        };
-        remove_contents(&sub, &child, mount)?;
-        drop(sub);
-        unlink_at(dir, name, nix::unistd::UnlinkatFlags::RemoveDir)?;
-    }
-    Ok(())
-}
-
-/// Opens the directory `name` in `dir` on `mount`, detaching what is
-/// mounted on it first if need be; None if it is gone. The detach goes
-/// through the parent we hold open, not by path.
-fn open_on_mount(
-    dir: &OwnedFd,
-    name: &Path,
-    mount: u64,
-    path: &Path,
-) -> io::Result<Option<OwnedFd>> {
-    // None: gone; else the directory, and whether it is on `mount`.
-    let open = || -> io::Result<Option<(OwnedFd, bool)>> {
-        let sub = match open_subdir(Some(dir.as_fd()), name) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            other => other?,
-        };
-        let on_mount = pin::mount_of(Some(sub.as_fd()), Path::new(""))? == mount;
-        Ok(Some((sub, on_mount)))
-    };
-    match open()? {
-        None => return Ok(None),
-        Some((sub, true)) => return Ok(Some(sub)),
-        Some(_) => {}
-    }
-    let held = Path::new("/proc/self/fd")
-        .join(dir.as_raw_fd().to_string())
-        .join(name);
-    pin::unpin(&held)?;
-    match open()? {
-        None => Ok(None),
-        Some((sub, true)) => Ok(Some(sub)),
-        Some(_) => Err(crosses_mount(path)),
-    }
-}
-
-fn unlink_at(dir: &OwnedFd, name: &Path, flag: nix::unistd::UnlinkatFlags) -> io::Result<()> {
-    ignore_missing(
-        nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, flag).map_err(io::Error::from),
-    )
-}
-
-fn open_subdir(dir: Option<BorrowedFd<'_>>, name: &Path) -> io::Result<OwnedFd> {
-    pin::open_at(
-        dir,
-        name,
-        nix::fcntl::OFlag::O_RDONLY
-            | nix::fcntl::OFlag::O_DIRECTORY
-            | nix::fcntl::OFlag::O_NOFOLLOW
-            | nix::fcntl::OFlag::O_CLOEXEC,
-    )
-}
-
-fn crosses_mount(path: &Path) -> io::Error {
-    io::Error::other(format!(
-        "refusing to delete {}: something is mounted there and would not unmount",
-        path.display()
-    ))
-}
-
-fn ignore_missing(r: io::Result<()>) -> io::Result<()> {
-    match r {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
-
 /// Held for the daemon's lifetime; the kernel drops the lock with the fd.
 pub struct RootLock {
     _file: File,
@@ -536,6 +417,7 @@ impl Drop for NewSnapshotDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     fn layout() -> (tempfile::TempDir, Layout) {
         let d = tempfile::tempdir().unwrap();
@@ -605,29 +487,6 @@ mod tests {
             fs::read_to_string(host.join("precious/file")).unwrap(),
             "keep"
         );
-    }
-
-    #[test]
-    fn removal_never_deletes_through_a_mount_even_a_writable_one() {
-        let (d, l) = layout();
-        let host = host(&d);
-        let tree = l.tmp_dir().join("tree");
-        fs::create_dir_all(tree.join("a/b")).unwrap();
-        fs::write(tree.join("a/f"), "x").unwrap();
-        std::os::unix::fs::symlink(&host, tree.join("a/link")).unwrap();
-        nix::mount::mount(
-            Some(&host),
-            &tree.join("a/b"),
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .unwrap();
-        let removed = remove_all(&tree);
-        let _ = pin::unpin(&tree.join("a/b"));
-        removed.unwrap();
-        assert!(!tree.exists());
-        assert_host_kept(&host);
     }
 
     #[test]

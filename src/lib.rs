@@ -9,6 +9,7 @@
 //! - `store` owns the SQLite schema and every query, and the group commit;
 //! - `layout` owns the directories under the root; [`pin`] holds host
 //!   bases with bind mounts; [`base`] decides which bases are allowed;
+//!   `removal` deletes trees there without crossing a mount;
 //! - `mounts` (mount specs) and [`filter`] (containerd's filter language)
 //!   are pure; `labels` and `idmap` check and parse what labels ask for;
 //! - [`usage`] counts a tree's disk usage; `watch` tells which upper dirs
@@ -47,6 +48,7 @@ pub(crate) mod metrics;
 pub mod mounter;
 pub(crate) mod mounts;
 pub mod pin;
+pub(crate) mod removal;
 pub mod server;
 pub mod snapshot;
 pub(crate) mod snapshotter;

@@ -669,7 +669,8 @@ impl Snapshotter {
                 true => crate::usage::unobserved_disk_usage(&path).map_or(0, |u| u.size.max(0)),
                 false => 0,
             };
-            layout::remove_all(&path).with_context(|| format!("removing {}", path.display()))?;
+            crate::removal::remove_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
             crate::metrics::cleanup_reclaimed(size as u64);
         }
         Ok(())
@@ -803,7 +804,7 @@ impl Snapshotter {
         let result = self
             .layout
             .discard(id)
-            .and_then(|p| p.map_or(Ok(()), |p| layout::remove_all(&p)));
+            .and_then(|p| p.map_or(Ok(()), |p| crate::removal::remove_all(&p)));
         if let Err(e) = result {
             tracing::warn!(id, error = %e, "could not remove snapshot directory; Cleanup will retry");
         }
