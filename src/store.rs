@@ -266,6 +266,13 @@ impl Store {
 
     /// Like `read`, but only if a reader connection is free right now, so
     /// that an async caller never waits on a lock: None otherwise.
+    ///
+    /// The rule for running a read inline on an async worker, which is
+    /// what this is for: only a read of a bounded number of rows by key
+    /// (Stat, Mounts' plan), that touches no file and takes no lock it
+    /// could wait on. Anything that may walk a tree, scan the table, write,
+    /// or wait for a connection goes to the blocking pool, where a slow
+    /// call holds one pool thread, not a worker serving every connection.
     pub fn try_read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Option<Result<T>> {
         self.free_reader().map(|conn| Self::read_on(conn, f))
     }

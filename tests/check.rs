@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use common::{labels, Daemon, BIN};
 
-const BASE_LABEL: &str = "containerd.io/snapshot/ontop.base";
+use ontop::base::BASE_LABEL;
 
 fn check(args: &[&str]) -> (Output, String) {
     let out = Command::new(BIN)

@@ -23,7 +23,7 @@ use common::{labels, Client, Daemon};
 use ontop::containerd_api::types::Mount;
 use tonic::Code;
 
-const BASE_LABEL: &str = "containerd.io/snapshot/ontop.base";
+use ontop::base::BASE_LABEL;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Kind {

@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use tonic::Code;
 
 const CORPUS: &str = include_str!("corpus/filters.txt");
-const BASE_LABEL: &str = "containerd.io/snapshot/ontop.base";
+use ontop::base::BASE_LABEL;
 
 fn sample() -> Snapshot {
     Snapshot {
