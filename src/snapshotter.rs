@@ -499,42 +499,12 @@ impl Snapshotter {
         requested: HashMap<String, String>,
         fieldpaths: &[String],
     ) -> Result<Snapshot> {
-        for path in fieldpaths {
-            if path != "labels" && !path.starts_with("labels.") {
-                return Err(Error::invalid_argument(format!(
-                    "cannot update field {path:?} of snapshot {key:?}: only \"labels\" and \"labels.<key>\" can be updated"
-                )));
-            }
-        }
-        for (k, v) in &requested {
-            labels::check_size(k, v)?;
-        }
-        let replaces_all = fieldpaths.is_empty() || fieldpaths.iter().any(|p| p == "labels");
-        let names_base = (replaces_all && requested.contains_key(BASE_LABEL))
-            || fieldpaths
-                .iter()
-                .any(|p| p.strip_prefix("labels.") == Some(BASE_LABEL));
+        labels::check_update(key, &requested, fieldpaths)?;
+        let names_base = labels::update_names(&requested, fieldpaths, BASE_LABEL);
         let (snap, new_base) = self.store.write(|tx| {
             let rec = tx.require(key)?;
             let old = tx.labels(rec.id)?;
-            let mut labels = old.clone();
-            if fieldpaths.is_empty() {
-                labels = requested.clone().into_iter().collect();
-            }
-            for path in fieldpaths {
-                match path.strip_prefix("labels.") {
-                    None => labels = requested.clone().into_iter().collect(),
-                    Some(k) => match requested.get(k) {
-                        Some(v) => {
-                            labels.insert(k.to_string(), v.clone());
-                        }
-                        None => {
-                            labels.remove(k);
-                        }
-                    },
-                }
-            }
-            labels.retain(|_, v| !v.is_empty());
+            let mut labels = labels::merge_update(&old, &requested, fieldpaths);
             MountAsks::of(&labels)?;
 
             let old_base = old.get(BASE_LABEL).cloned();
