@@ -133,7 +133,8 @@ mod tests {
     fn update_merges_labels_by_field_path() {
         let old = [("a", "1"), ("b", "2")];
         // (requested, field paths, labels after)
-        let cases: &[(&[(&str, &str)], &[&str], &[(&str, &str)])] = &[
+        type Pairs<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Pairs, &[&str], Pairs)] = &[
             // No paths: the request replaces every label.
             (&[("c", "3")], &[], &[("c", "3")]),
             (&[], &[], &[]),
