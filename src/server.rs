@@ -36,71 +36,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Signals first, so that from here on a TERM is a graceful stop.
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-
-    let overlay = OverlayOptions::detect(config.backend, config.mount_options.clone());
-    tracing::debug!(?overlay, "overlay options");
-    let opts = Options {
-        root: config.root.clone(),
-        async_remove: config.async_remove,
-        overlay,
-        base_roots: config.base_roots.clone(),
-        remap_ids: config.remap_ids,
-    };
-    let core = tokio::task::spawn_blocking(move || Snapshotter::open(opts))
-        .await
-        .context("opening the snapshotter")??;
-    let core = Arc::new(core);
-    // Off the start-up path: containerd can dial at once. SQLite reports
-    // damage on any read of it anyway; this finds it before a read does.
-    let checked = Arc::clone(&core);
-    tokio::task::spawn_blocking(move || match checked.check_database() {
-        Ok(()) => tracing::debug!("database integrity check passed"),
-        Err(e) => tracing::error!(error = %format!("{e:#}"), "database integrity check failed"),
-    });
-
-    if !config.base_roots.is_empty()
-        && !crate::backend::in_user_namespace()
-        && crate::pin::shares_mount_namespace() == Some(false)
-    {
-        tracing::warn!(
-            "ontop runs in a mount namespace of its own: the bind mounts that pin host bases \
-             are invisible to a containerd outside it, which would see bases empty; run ontop \
-             without PrivateMounts=, PrivateTmp= or ProtectSystem="
-        );
-    }
-    let socket = match crate::systemd::inherited_listener()? {
-        Some((listener, path)) => {
-            let path = path.unwrap_or_else(|| config.address.clone());
-            if path != config.address {
-                tracing::warn!(
-                    socket = %path.display(),
-                    address = %config.address.display(),
-                    "the socket systemd passed is not ontop's configured address; \
-                     containerd must dial the socket's path"
-                );
-            }
-            Socket {
-                listener: UnixListener::from_std(listener)
-                    .context("serving on the inherited socket")?,
-                path,
-                own_ino: None,
-            }
-        }
-        None => {
-            let (listener, ino) = bind_socket(&config.address)?;
-            if config.socket_owner.is_some() || config.socket_group.is_some() {
-                std::os::unix::fs::chown(&config.address, config.socket_owner, config.socket_group)
-                    .with_context(|| {
-                        format!("setting the owner of {}", config.address.display())
-                    })?;
-            }
-            Socket {
-                listener,
-                path: config.address.clone(),
-                own_ino: Some(ino),
-            }
-        }
-    };
+    let core = Core::open(&config).await?;
+    let socket = Socket::for_config(&config)?;
     let signal = async move {
         tokio::select! {
             _ = term.recv() => "SIGTERM",
@@ -110,14 +47,96 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     serve_on(socket, core, &config, signal).await
 }
 
+/// An opened root, ready to serve: locked, repaired after a crash, and
+/// its filesystem checked fit for the backend.
+pub struct Core(Arc<Snapshotter>);
+
+impl Core {
+    pub async fn open(config: &Config) -> anyhow::Result<Core> {
+        let overlay = OverlayOptions::detect(config.backend, config.mount_options.clone());
+        tracing::debug!(?overlay, "overlay options");
+        let opts = Options {
+            root: config.root.clone(),
+            async_remove: config.async_remove,
+            overlay,
+            base_roots: config.base_roots.clone(),
+            remap_ids: config.remap_ids,
+        };
+        let core = tokio::task::spawn_blocking(move || Snapshotter::open(opts))
+            .await
+            .context("opening the snapshotter")??;
+        let core = Arc::new(core);
+        // Off the start-up path: containerd can dial at once. SQLite
+        // reports damage on any read of it anyway; this finds it before a
+        // read does.
+        let checked = Arc::clone(&core);
+        tokio::task::spawn_blocking(move || match checked.check_database() {
+            Ok(()) => tracing::debug!("database integrity check passed"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "database integrity check failed"),
+        });
+        if !config.base_roots.is_empty()
+            && !crate::backend::in_user_namespace()
+            && crate::pin::shares_mount_namespace() == Some(false)
+        {
+            tracing::warn!(
+                "ontop runs in a mount namespace of its own: the bind mounts that pin host bases \
+                 are invisible to a containerd outside it, which would see bases empty; run ontop \
+                 without PrivateMounts=, PrivateTmp= or ProtectSystem="
+            );
+        }
+        Ok(Core(core))
+    }
+}
+
 /// The socket ontop serves on: bound by itself (and removed when it
 /// stops), or passed by systemd's socket activation (and left to systemd,
 /// so that connections wait in its backlog while ontop restarts).
 pub struct Socket {
-    pub listener: UnixListener,
-    pub path: PathBuf,
+    listener: UnixListener,
+    path: PathBuf,
     /// The inode of a socket ontop bound itself.
-    pub own_ino: Option<u64>,
+    own_ino: Option<u64>,
+}
+
+impl Socket {
+    /// The socket systemd passed, or else `config.address`, bound.
+    pub fn for_config(config: &Config) -> anyhow::Result<Socket> {
+        let Some((listener, path)) = crate::systemd::inherited_listener()? else {
+            let socket = Socket::bind(&config.address)?;
+            if config.socket_owner.is_some() || config.socket_group.is_some() {
+                std::os::unix::fs::chown(&config.address, config.socket_owner, config.socket_group)
+                    .with_context(|| {
+                        format!("setting the owner of {}", config.address.display())
+                    })?;
+            }
+            return Ok(socket);
+        };
+        let path = path.unwrap_or_else(|| config.address.clone());
+        if path != config.address {
+            tracing::warn!(
+                socket = %path.display(),
+                address = %config.address.display(),
+                "the socket systemd passed is not ontop's configured address; \
+                 containerd must dial the socket's path"
+            );
+        }
+        Ok(Socket {
+            listener: UnixListener::from_std(listener)
+                .context("serving on the inherited socket")?,
+            path,
+            own_ino: None,
+        })
+    }
+
+    /// Binds `path` (see `bind_socket`); it is removed when serving ends.
+    pub fn bind(path: &Path) -> anyhow::Result<Socket> {
+        let (listener, ino) = bind_socket(path)?;
+        Ok(Socket {
+            listener,
+            path: path.to_path_buf(),
+            own_ino: Some(ino),
+        })
+    }
 }
 
 /// Serves the Snapshots, admin and health services on `socket` (and the
@@ -125,10 +144,11 @@ pub struct Socket {
 /// reason, then stops accepting and lets in-flight requests finish.
 pub async fn serve_on(
     socket: Socket,
-    core: Arc<Snapshotter>,
+    core: Core,
     config: &Config,
     shutdown: impl Future<Output = &'static str>,
 ) -> anyhow::Result<()> {
+    let Core(core) = core;
     let notifier = crate::systemd::Notifier::from_env();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {

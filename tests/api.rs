@@ -1,5 +1,7 @@
-//! The Snapshots API against the real daemon, case by case from
-//! containerd's contract and its Go testsuite.
+//! The Snapshots API, case by case from containerd's contract and its Go
+//! testsuite. The server runs in the test's own process, through
+//! `ontop::server::serve_on` on a real socket, root and database; the
+//! usage test runs the binary, whose log it reads.
 
 #[macro_use]
 mod common;
@@ -36,7 +38,7 @@ fn info(name: &str, l: HashMap<String, String>) -> api::Info {
 }
 
 async fn every_error_in_the_contract_table_has_its_code() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     base(&mut c).await;
     let mut c2 = c.clone();
@@ -240,7 +242,7 @@ async fn every_error_in_the_contract_table_has_its_code() {
 }
 
 async fn error_messages_name_what_was_wrong() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     base(&mut c).await;
     let msg = |r: common::Rpc<Vec<_>>| r.unwrap_err().message().to_string();
@@ -266,7 +268,7 @@ async fn error_messages_name_what_was_wrong() {
 }
 
 async fn stat_reports_kind_parent_and_equal_timestamps_at_creation() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     base(&mut c).await;
     let want = [
@@ -288,7 +290,7 @@ async fn stat_reports_kind_parent_and_equal_timestamps_at_creation() {
 }
 
 async fn keys_with_slashes_and_spaces_are_opaque() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     let key = "default/12/extract-12345-AbCd sha256:0123/../x";
     c.prepare(key, "").await.unwrap();
@@ -298,7 +300,7 @@ async fn keys_with_slashes_and_spaces_are_opaque() {
 }
 
 async fn commit_replaces_labels_and_frees_the_key_at_once() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     c.prepare_with("k", "", labels(&[("a", "1"), ("b", "2")]))
         .await
@@ -323,7 +325,7 @@ async fn commit_replaces_labels_and_frees_the_key_at_once() {
 /// one at Commit (`CommitSnapshotRequest.parent`), with the rules and codes
 /// of containerd's bolt store.
 async fn commit_with_a_parent_rebases_only_a_snapshot_prepared_without_one() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     c.layer(&d, "l1", "", |r| {
         std::fs::write(r.join("one"), "1").unwrap()
@@ -382,7 +384,7 @@ async fn commit_with_a_parent_rebases_only_a_snapshot_prepared_without_one() {
 }
 
 async fn keys_are_reusable_after_remove_and_ids_are_never_reused() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     for _ in 0..3 {
         c.prepare("k", "").await.unwrap();
@@ -397,7 +399,7 @@ async fn keys_are_reusable_after_remove_and_ids_are_never_reused() {
 }
 
 async fn update_follows_the_testsuite() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     base(&mut c).await;
     let cases = [
@@ -451,7 +453,7 @@ async fn update_follows_the_testsuite() {
 }
 
 async fn empty_label_values_are_never_stored() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     c.prepare_with("a", "", labels(&[("x", ""), ("y", "1")]))
         .await
@@ -466,7 +468,7 @@ async fn empty_label_values_are_never_stored() {
 }
 
 async fn list_filters_match_the_testsuite_walk() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     let root = ("containerd.io/gc.root", "check-walk");
     c.prepare_with("p-tmp", "", labels(&[root])).await.unwrap();
@@ -517,7 +519,7 @@ async fn list_filters_match_the_testsuite_walk() {
 }
 
 async fn list_streams_in_batches_of_one_hundred() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     for i in 0..250 {
         c.prepare(&format!("k{i}"), "").await.unwrap();
@@ -528,7 +530,7 @@ async fn list_streams_in_batches_of_one_hundred() {
 }
 
 async fn usage_counts_the_upper_only_and_freezes_at_commit() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     c.layer(&d, "base", "", |root| {
         std::fs::write(root.join("big"), vec![7u8; 1 << 20]).unwrap();
@@ -563,6 +565,7 @@ async fn usage_counts_the_upper_only_and_freezes_at_commit() {
 /// while it stays mounted, Usage equals a fresh walk of the upper dir.
 async fn usage_stays_exact_under_random_changes_and_skips_unchanged_uppers() {
     use std::fs;
+    // The binary: the test reads its log.
     let d = Daemon::start().await;
     assert!(
         d.log().contains("usage: tracking changes with fanotify"),
@@ -662,7 +665,7 @@ async fn usage_stays_exact_under_random_changes_and_skips_unchanged_uppers() {
 }
 
 async fn cleanup_removes_directories_the_database_does_not_know() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_in_process().await;
     let mut c = d.client().await;
     c.prepare("keep", "").await.unwrap();
     std::fs::create_dir_all(d.root.join("snapshots/999/fs/deep")).unwrap();

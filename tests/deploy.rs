@@ -112,6 +112,24 @@ fn the_manifests_are_valid_kubernetes_objects_and_the_config_is_ontops() {
     );
 }
 
+/// The image archive `scripts/image.sh` makes, and its reference: built
+/// once per test process, since both containerd generations' variants run
+/// at once and must not read the archive while the other writes it.
+fn ontop_image() -> &'static (PathBuf, String) {
+    static IMAGE: std::sync::OnceLock<(PathBuf, String)> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let tar = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ontop-image.tar");
+        let image = stdout_of(
+            Command::new("bash")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh"))
+                .arg(&tar)
+                .env("ONTOP_BIN", BIN),
+            "scripts/image.sh",
+        );
+        (tar, image.trim().to_string())
+    })
+}
+
 /// The image, run as the DaemonSet runs it: privileged, with the node's
 /// root, socket directory and config mounted from the host. The host then
 /// uses the socket, and mounts what it returns.
@@ -119,15 +137,8 @@ async fn the_image_serves_the_nodes_socket_from_a_container() {
     // A containerd to run the image on (its own snapshotter, overlayfs).
     let d = Daemon::start().await;
     let ctd = Containerd::start(&d).await;
-    let tar = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ontop-image.tar");
-    let image = stdout_of(
-        Command::new("bash")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh"))
-            .arg(&tar)
-            .env("ONTOP_BIN", BIN),
-        "scripts/image.sh",
-    );
-    let image = image.trim();
+    let (tar, image) = ontop_image();
+    let image = image.as_str();
     ctd.ctr_ok(&["images", "import", &tar.display().to_string()]);
 
     let node = d.dir.path().join("node");

@@ -126,6 +126,21 @@ pub struct Daemon {
     /// Set for a socket-activated daemon (see `start_activated`): the
     /// directory where its supervisor keeps state.
     activation: Option<PathBuf>,
+    /// Set for a daemon served from the test's own process (see
+    /// `start_in_process`).
+    in_process: Option<InProcess>,
+}
+
+/// `ontop::server::serve_on` running in this process, on a runtime and
+/// thread of its own: a test that blocks its own runtime (running `ontop
+/// check`, say) must not stop the server from answering.
+struct InProcess {
+    /// A graceful stop, as SIGTERM.
+    stop: tokio::sync::oneshot::Sender<()>,
+    /// Ends serving at once, as SIGKILL would: for Drop, when the test's
+    /// clients may still hold connections that nobody will close.
+    kill: tokio::sync::oneshot::Sender<()>,
+    served: std::thread::JoinHandle<anyhow::Result<()>>,
 }
 
 /// What systemd does for a service with a `.socket` unit and
@@ -198,8 +213,74 @@ impl Daemon {
             child: None,
             rootless: None,
             activation: None,
+            in_process: None,
         };
         d.spawn().await;
+        d
+    }
+
+    /// Serves a fresh root from this test's own process through
+    /// `ontop::server::serve_on`, on a socket as the binary would: for
+    /// contract tests, which then need no process and show their panics
+    /// and backtraces in one place. It has no log and no pid.
+    pub async fn start_in_process() -> Daemon {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("ontop-test-")
+            .tempdir()
+            .expect("creating test dir");
+        let mut d = Daemon {
+            backend: backend(),
+            log: dir.path().join("daemon.log"),
+            root: dir.path().join("root"),
+            socket: dir.path().join("run/ontop.sock"),
+            dir,
+            child: None,
+            rootless: None,
+            activation: None,
+            in_process: None,
+        };
+        let config = ontop::config::Config::merge(
+            Default::default(),
+            ontop::config::Overrides {
+                backend: Some(d.backend),
+                root: Some(d.root.clone()),
+                address: Some(d.socket.clone()),
+                ..Default::default()
+            },
+            ontop::config::Defaults::system(),
+        )
+        .expect("a valid config");
+        let socket = d.socket.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let served = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let result = runtime.block_on(async move {
+                let core = ontop::server::Core::open(&config).await?;
+                let socket = ontop::server::Socket::bind(&socket)?;
+                let _ = ready_tx.send(());
+                let shutdown = async {
+                    let _ = stopped.await;
+                    "the test's stop"
+                };
+                tokio::select! {
+                    served = ontop::server::serve_on(socket, core, &config, shutdown) => served,
+                    _ = killed => Ok(()),
+                }
+            });
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            result
+        });
+        if ready.recv().is_err() {
+            let failed = served.join().expect("the server thread");
+            panic!(
+                "the in-process server did not start: {:#}",
+                failed.unwrap_err()
+            );
+        }
+        d.in_process = Some(InProcess { stop, kill, served });
         d
     }
 
@@ -224,6 +305,7 @@ impl Daemon {
             child: None,
             rootless: None,
             activation: Some(state),
+            in_process: None,
         };
         d.spawn().await;
         d
@@ -291,6 +373,7 @@ impl Daemon {
             dir,
             child: None,
             activation: None,
+            in_process: None,
             rootless: Some(Rootless {
                 uid,
                 gid,
@@ -423,6 +506,16 @@ impl Daemon {
     /// supervisor is told not to start it again, and exits with its
     /// status.
     pub async fn stop(&mut self) -> std::process::ExitStatus {
+        if let Some(served) = self.in_process.take() {
+            use std::os::unix::process::ExitStatusExt;
+            let _ = served.stop.send(());
+            let result = tokio::task::spawn_blocking(move || served.served.join())
+                .await
+                .unwrap()
+                .expect("the server thread");
+            result.unwrap_or_else(|e| panic!("serve_on failed: {e:#}"));
+            return std::process::ExitStatus::from_raw(0);
+        }
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
         if let Some(state) = &self.activation {
             std::fs::write(state.join("stop"), "").unwrap();
@@ -568,6 +661,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Some(served) = self.in_process.take() {
+            let _ = served.kill.send(());
+            let _ = served.served.join();
+        }
         if let Some(state) = &self.activation {
             let _ = std::fs::write(state.join("stop"), "");
             if let Some(pid) = std::fs::read_to_string(state.join("pid"))
