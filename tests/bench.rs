@@ -63,7 +63,11 @@ async fn quick_bench_runs_every_workload_against_a_daemon_it_starts() {
         "mounts at",
         "list at",
         "list filtered at",
-        "create c1",
+        "create c1: prepare+commit",
+        "create c1: prepare",
+        "create c1: commit",
+        "create c1: prepare / floor",
+        "create c1: commit / floor",
         "create c16",
         "peak rss",
         "start-up",
@@ -77,6 +81,10 @@ async fn quick_bench_runs_every_workload_against_a_daemon_it_starts() {
             "no {workload:?} row in {rows:?}"
         );
     }
+    assert!(
+        has(&rows, "floor: 3 mkdir, rename, fdatasync", "this machine"),
+        "no floor row in {rows:?}"
+    );
 }
 
 async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {

@@ -140,7 +140,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Vec<Row>> {
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     println!("targets (first is the baseline): {}", names.join(", "));
     stats::print_header();
-    let rows = workloads::run_all(&mut targets, &plan).await;
+    let rows = workloads::run_all(&mut targets, &plan, &scratch.path().join("floor")).await;
     // Stop served daemons before their roots go, whatever happened.
     drop(targets);
     let rows = rows?;

@@ -52,6 +52,13 @@ pub struct Row {
     pub throughput_ratio: Option<f64>,
 }
 
+/// The median of unsorted samples; NaN when there are none.
+pub fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    percentile(&sorted, 0.5)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

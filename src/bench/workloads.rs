@@ -35,7 +35,11 @@ const LOOKUPS: [&str; 4] = ["stat", "mounts", "list", "list filtered"];
 /// The workload groups `--only` can pick; teardown always runs.
 pub const GROUPS: &[&str] = &["chain", "lookups", "create", "usage", "image"];
 
-pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<Row>> {
+pub async fn run_all(
+    targets: &mut [Target],
+    plan: &Plan,
+    floor_dir: &Path,
+) -> anyhow::Result<Vec<Row>> {
     let sizes = &plan.sizes;
     let only = &plan.only;
     let wants = |group: &str| only.is_empty() || only.iter().any(|o| o == group);
@@ -43,8 +47,10 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
     let mut held: Vec<Held> = targets.iter().map(|_| Held::default()).collect();
     let mut rows = Vec::new();
     let names = targets_names(targets);
-    let mut report = |workload: &str, unit: &'static str, series: Vec<Series>| {
-        let named: Vec<(String, Series)> = names.iter().cloned().zip(series).collect();
+    let by_target = |series: Vec<Series>| -> Vec<(String, Series)> {
+        names.iter().cloned().zip(series).collect()
+    };
+    let mut report = |workload: &str, unit: &'static str, named: Vec<(String, Series)>| {
         for row in stats::rows(workload, unit, &named) {
             stats::print(&row);
             rows.push(row);
@@ -74,10 +80,10 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
         report(
             &format!("chain: layer of {} files", sizes.chain_files),
             "ms",
-            layer,
+            by_target(layer),
         );
-        report("chain: prepare", "ms", prepare);
-        report("chain: commit", "ms", commit);
+        report("chain: prepare", "ms", by_target(prepare));
+        report("chain: commit", "ms", by_target(commit));
     }
 
     if wants("lookups") {
@@ -85,26 +91,45 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
         let n = sizes.scales[0];
         let measured = lookups(targets, &mut held, n, sizes, &run).await?;
         for (what, series) in LOOKUPS.into_iter().zip(measured) {
-            report(&format!("{what} at {}", count(n)), "ms", series);
+            report(&format!("{what} at {}", count(n)), "ms", by_target(series));
         }
     }
 
     if wants("create") {
-        // 3. Create throughput.
+        // 3. Create throughput. Serially, each Prepare and Commit is also
+        //    timed alone, and set against this machine's floor, measured
+        //    in the same rounds: the filesystem work of a durable Prepare
+        //    with no gRPC and no SQLite (see `floor_op`).
+        let mut floor = Series::default();
+        let mut prepare = vec![Series::default(); targets.len()];
+        let mut commit = prepare.clone();
         for concurrency in [1, sizes.concurrency] {
             let mut pairs = vec![Series::default(); targets.len()];
             let rounds = 10.min(sizes.creates).max(1);
             for round in 0..rounds {
+                let per_round = sizes.creates / rounds;
+                if concurrency == 1 {
+                    let dir = floor_dir.join(format!("{round}"));
+                    let measured = tokio::task::spawn_blocking(move || floor_ops(&dir, per_round))
+                        .await?
+                        .context("measuring the floor")?;
+                    for d in measured {
+                        floor.add(d);
+                    }
+                }
                 for (i, t) in targets.iter_mut().enumerate() {
                     let prefix = format!("{run}-create-c{concurrency}-{round}");
-                    let names = create_pairs(
-                        t,
-                        &prefix,
-                        sizes.creates / rounds,
-                        concurrency,
-                        &mut pairs[i],
-                    )
-                    .await
+                    let names = if concurrency == 1 {
+                        create_serially(
+                            t,
+                            &prefix,
+                            per_round,
+                            [&mut pairs[i], &mut prepare[i], &mut commit[i]],
+                        )
+                        .await
+                    } else {
+                        create_pairs(t, &prefix, per_round, concurrency, &mut pairs[i]).await
+                    }
                     .with_context(|| {
                         format!("{}: Prepare+Commit at concurrency {concurrency}", t.name)
                     })?;
@@ -114,8 +139,36 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
             report(
                 &format!("create c{concurrency}: prepare+commit"),
                 "ms",
-                pairs,
+                by_target(pairs),
             );
+            if concurrency == 1 {
+                let floor_median = stats::median(&floor.samples);
+                report(
+                    "floor: 3 mkdir, rename, fdatasync",
+                    "ms",
+                    vec![("this machine".to_string(), floor.clone())],
+                );
+                for (what, series) in [("prepare", &prepare), ("commit", &commit)] {
+                    report(
+                        &format!("create c1: {what}"),
+                        "ms",
+                        by_target(series.clone()),
+                    );
+                    let over_floor = series
+                        .iter()
+                        .map(|s| {
+                            let mut x = Series::default();
+                            x.add_value(stats::median(&s.samples) / floor_median);
+                            x
+                        })
+                        .collect();
+                    report(
+                        &format!("create c1: {what} / floor"),
+                        "x",
+                        by_target(over_floor),
+                    );
+                }
+            }
         }
     }
 
@@ -125,7 +178,7 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
         if sizes.scales.len() > 1 {
             let measured = lookups(targets, &mut held, n, sizes, &run).await?;
             for (what, series) in LOOKUPS.into_iter().zip(measured) {
-                report(&format!("{what} at {}", count(n)), "ms", series);
+                report(&format!("{what} at {}", count(n)), "ms", by_target(series));
             }
         }
 
@@ -135,7 +188,7 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
                 rss[i].add_value(s.peak_rss()? as f64 / (1 << 20) as f64);
             }
         }
-        report(&format!("peak rss at {}", count(n)), "MiB", rss);
+        report(&format!("peak rss at {}", count(n)), "MiB", by_target(rss));
         let mut startup = vec![Series::default(); targets.len()];
         for _ in 0..sizes.startup_reps {
             for (i, t) in targets.iter_mut().enumerate() {
@@ -148,7 +201,11 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
                 }
             }
         }
-        report(&format!("start-up at {}", count(n)), "ms", startup);
+        report(
+            &format!("start-up at {}", count(n)),
+            "ms",
+            by_target(startup),
+        );
     }
 
     if wants("usage") {
@@ -179,7 +236,7 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
         report(
             &format!("usage of {} files", count(sizes.usage_files)),
             "ms",
-            usage,
+            by_target(usage),
         );
 
         // 5b. CRI's stats poll: Usage of every active snapshot, again and
@@ -218,8 +275,8 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
             sizes.poll_snapshots,
             count(sizes.poll_files)
         );
-        report(&format!("{what}: round"), "ms", round);
-        report(&format!("{what}: daemon CPU"), "ms", cpu);
+        report(&format!("{what}: round"), "ms", by_target(round));
+        report(&format!("{what}: daemon CPU"), "ms", by_target(cpu));
     }
 
     // 6. Image import (unpack) and `ctr run`, through containerd only.
@@ -253,8 +310,8 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
                 ctr.time(&["images", "rm", "--sync", reference])?;
             }
         }
-        report("image: import (unpack)", "ms", unpack);
-        report("image: ctr run --rm", "ms", start);
+        report("image: import (unpack)", "ms", by_target(unpack));
+        report("image: ctr run --rm", "ms", by_target(start));
     }
 
     // 6b. The same image pulled from a registry: fetch and unpack, which
@@ -277,7 +334,7 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
                 ctr.time(&["images", "rm", "--sync", reference])?;
             }
         }
-        report("image: pull (fetch, unpack)", "ms", pull);
+        report("image: pull (fetch, unpack)", "ms", by_target(pull));
     }
 
     // 7. Teardown, children first, as containerd's GC does it: one at a
@@ -311,13 +368,13 @@ pub async fn run_all(targets: &mut [Target], plan: &Plan) -> anyhow::Result<Vec<
             .await
             .map_err(|s| anyhow!("{}: Cleanup: {s}", t.name))?;
     }
-    report("teardown: remove", "ms", remove);
+    report("teardown: remove", "ms", by_target(remove));
     report(
         &format!("teardown: remove c{}", sizes.concurrency),
         "ms",
-        bulk,
+        by_target(bulk),
     );
-    report("teardown: cleanup", "ms", cleanup);
+    report("teardown: cleanup", "ms", by_target(cleanup));
     Ok(rows)
 }
 
@@ -552,6 +609,62 @@ async fn populate(
 
 /// `n` Prepare+Commit pairs with no parent, at `concurrency`; each pair's
 /// latency and the batch's wall time go into `series`.
+/// Prepare+Commit pairs one after the other, each call timed too:
+/// `[pairs, prepare, commit]`.
+async fn create_serially(
+    t: &mut Target,
+    prefix: &str,
+    n: usize,
+    series: [&mut Series; 3],
+) -> anyhow::Result<Vec<String>> {
+    let [pairs, prepare, commit] = series;
+    let mut names = Vec::with_capacity(n);
+    for k in 0..n {
+        let name = format!("{prefix}-{k}");
+        let key = format!("{name}-active");
+        let began = Instant::now();
+        timed(prepare, t.prepare(&key, "", HashMap::new()))
+            .await
+            .map_err(|s| anyhow!("Prepare {key}: {s}"))?;
+        timed(commit, t.commit(&name, &key))
+            .await
+            .map_err(|s| anyhow!("Commit {key}: {s}"))?;
+        pairs.add(began.elapsed());
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// The floor under a durable Prepare on this machine, `n` times: what any
+/// snapshotter must do on disk for one (a snapshot directory with `fs`
+/// and `work` made aside, renamed into place, and one fdatasync making a
+/// record of it durable), with no RPC, no database and no locking.
+fn floor_ops(dir: &Path, n: usize) -> std::io::Result<Vec<Duration>> {
+    use std::io::Write;
+    let (tmp, done) = (dir.join("tmp"), dir.join("snapshots"));
+    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&done)?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("log"))?;
+    let record = [7u8; 256];
+    let mut out = Vec::with_capacity(n);
+    for k in 0..n {
+        let began = Instant::now();
+        let new = tmp.join(k.to_string());
+        std::fs::create_dir(&new)?;
+        std::fs::create_dir(new.join("fs"))?;
+        std::fs::create_dir(new.join("work"))?;
+        std::fs::rename(&new, done.join(k.to_string()))?;
+        log.write_all(&record)?;
+        log.sync_data()?;
+        out.push(began.elapsed());
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(out)
+}
+
 async fn create_pairs(
     t: &mut Target,
     prefix: &str,
