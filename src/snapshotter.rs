@@ -799,6 +799,18 @@ fn unpin_strays(layout: &Layout, store: &Store) -> anyhow::Result<()> {
             tracing::info!(id, "unpinned a base left by a crash");
         }
     }
+    // Commit unpins a based snapshot's base and then removes its mount
+    // point: a crash between the two leaves an empty directory, which no
+    // mount table shows. Only committed snapshots on a base can have one.
+    let committed_on_bases = store.read(|tx| tx.committed_on_bases())?;
+    for id in committed_on_bases {
+        if std::fs::symlink_metadata(layout.base_dir(id)).is_ok() {
+            layout
+                .unpin_base(id)
+                .with_context(|| format!("removing the base mount point of snapshot {id}"))?;
+            tracing::info!(id, "removed a base mount point left by a crash");
+        }
+    }
     Ok(())
 }
 

@@ -662,7 +662,8 @@ async fn a_base_path_swapped_for_a_symlink_after_the_check_is_never_followed() {
 }
 
 /// What a SIGKILL can leave: the pin of a snapshot committed just before
-/// (Commit unpins after its transaction), and a pinned directory the
+/// (Commit unpins after its transaction), the empty mount point of one
+/// killed between its unmount and rmdir, and a pinned directory the
 /// database never knew (killed between install and commit).
 async fn pins_a_crash_leaves_are_taken_down_and_the_host_kept() {
     let mut d = Daemon::start_with_bases("").await;
@@ -672,7 +673,10 @@ async fn pins_a_crash_leaves_are_taken_down_and_the_host_kept() {
     c.prepare_with("a", "", base(&host)).await.unwrap();
     c.commit("layer", "a").await.unwrap();
     c.prepare("child", "layer").await.unwrap();
+    c.prepare_with("b", "", base(&host)).await.unwrap();
+    c.commit("other", "b").await.unwrap();
     d.kill();
+    fs::create_dir(d.root.join("snapshots/3/base")).unwrap();
     let bind = |dir: &Path| {
         fs::create_dir_all(dir).unwrap();
         nix::mount::mount(
@@ -694,12 +698,17 @@ async fn pins_a_crash_leaves_are_taken_down_and_the_host_kept() {
         !left.contains(&d.root.join("snapshots/1/base")),
         "start-up unpins the committed snapshot: {left:?}"
     );
+    assert!(!d.root.join("snapshots/1/base").exists());
+    assert!(
+        !d.root.join("snapshots/3/base").exists(),
+        "start-up removes an empty mount point a crash left"
+    );
     c.cleanup().await.unwrap();
     // Only the child's own pin is left.
     assert_eq!(mounts_under(&d.root), [d.root.join("snapshots/2/base")]);
     assert!(!d.root.join("snapshots/99").exists());
     d.assert_consistent();
-    for key in ["child", "layer"] {
+    for key in ["child", "layer", "other"] {
         c.remove(key).await.unwrap();
     }
     assert_eq!(mounts_under(&d.root), Vec::<PathBuf>::new());

@@ -357,6 +357,16 @@ impl Tx<'_> {
         Ok(problems)
     }
 
+    /// Committed snapshots that sit on a host base (their own or
+    /// inherited): the only ones whose Commit took a pin down.
+    pub fn committed_on_bases(&self) -> Result<Vec<Id>> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT id FROM snapshots WHERE kind = ?1 AND base IS NOT NULL")?;
+        let rows = stmt.query_map([Kind::Committed], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// The ids the database knows, for reconciling with the disk.
     pub fn ids(&self) -> Result<HashSet<Id>> {
         let mut stmt = self.0.prepare_cached("SELECT id FROM snapshots")?;
