@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Accounts for the end-to-end time of containerd's flows through ontop:
+# which Snapshots calls containerd makes to a proxy snapshotter during an
+# image import (unpack) and a `ctr run --rm`, how long each takes inside
+# ontop (its per-call debug log), and how that compares with the whole
+# flow, for containerd's built-in overlayfs, for refproxy (containerd
+# 1.6's overlayfs snapshotter served as a proxy plugin: what being a proxy
+# costs by itself) and for ontop, interleaved.
+#
+# Usage: bash scripts/trace.sh [REPS]      (default 10 repetitions)
+# REFPROXY (default ../shared/tools/refproxy) is the refproxy binary.
+# Runs on Debian's containerd 1.6, and on containerd 2.x when
+# ONTOP_CONTAINERD2_BIN is set (as scripts/test.sh finds it).
+source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/oci.sh"
+require_root
+install_build_deps
+apt_install containerd runc busybox-static tar coreutils
+require_overlayfs
+ensure_containerd2
+reps=${1:-10}
+refproxy=$(realpath "${REFPROXY:-../shared/tools/refproxy}" 2>/dev/null) \
+  || die "refproxy not found; set REFPROXY"
+
+cargo build --release --locked
+ontop=$PWD/target/release/ontop
+work=$(mktemp -d /tmp/ontop-trace.XXXXXX)
+pids=()
+cleanup() {
+  set +e
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  for pidfile in "$work"/run*/containerd.pid; do
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null
+  done
+  sleep 1
+  grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+image=$(bash scripts/mkimage.sh "$work/image.tar" docker.io/ontop/trace:latest)
+
+# The calls ontop logged between two marks, by method: count and total ms.
+calls_between() {
+  local log=$1 from=$2 to=$3
+  sed -n "${from},${to}p" "$log" | grep -o 'call method="[A-Za-z]*".*duration_ms=[0-9.]*' |
+    sed -E 's/call method="([A-Za-z]+)".*duration_ms=([0-9.]+)/\1 \2/' |
+    awk '{n[$1]++; t[$1]+=$2; all+=$2} END {for (m in n) printf "    %-8s %3d calls %8.2f ms\n", m, n[m], t[m]; printf "    in ontop: %.2f ms\n", all}'
+}
+
+now_ms() { date +%s%3N; }
+
+trace_generation() {
+  local name=$1 dir=$2
+  local sock=$work/$name-ontop.sock log=$work/$name-ontop.log
+  "$ontop" serve --root "$work/$name-ontop" --address "$sock" --log-level debug >"$log" 2>&1 &
+  pids+=($!)
+  "$refproxy" --async-remove --root "$work/$name-refproxy" --address "$work/$name-refproxy.sock" \
+    >"$work/$name-refproxy.log" 2>&1 &
+  pids+=($!)
+  local extra
+  extra=$(printf '[proxy_plugins.refproxy]\n  type = "snapshot"\n  address = "%s"\n' "$work/$name-refproxy.sock")
+  if [ "$(containerd_major)" -ge 2 ]; then
+    extra+=$(printf '\n[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n  platform = "linux/%s"\n  snapshotter = "refproxy"\n  differ = "walking"\n' "$(oci_arch)")
+  fi
+  start_isolated_containerd "$dir" "$work/$name-containerd" "$ontop" "$sock" "$work/$name-containerd.log" "$extra"
+  local ctr=(ctr --address "$dir/containerd.sock")
+  echo "== $name: $("${ctr[@]}" version 2>/dev/null | awk '/Server:/{s=1} s && /Version:/{print $2; exit}')"
+  declare -A total=()
+  for rep in $(seq "$reps"); do
+    for sn in overlayfs refproxy ontop; do
+      # A namespace per repetition: an unpack where another image holds
+      # the layers does almost nothing.
+      local ns=trace-$sn-$rep
+      local mark t0 t1
+      mark=$(wc -l <"$log")
+      t0=$(now_ms)
+      "${ctr[@]}" -n "$ns" images import --snapshotter "$sn" "$work/image.tar" >/dev/null 2>&1
+      t1=$(now_ms)
+      total[$sn-import]+="$((t1 - t0)) "
+      [ "$rep" = 1 ] && [ "$sn" = ontop ] && { echo "  import: calls to ontop"; calls_between "$log" "$mark" '$'; }
+      mark=$(wc -l <"$log")
+      t0=$(now_ms)
+      "${ctr[@]}" -n "$ns" run --rm --snapshotter "$sn" "$image" "trace-$rep" true >/dev/null 2>&1
+      t1=$(now_ms)
+      total[$sn-run]+="$((t1 - t0)) "
+      [ "$rep" = 1 ] && [ "$sn" = ontop ] && { echo "  ctr run --rm: calls to ontop"; calls_between "$log" "$mark" '$'; }
+      "${ctr[@]}" -n "$ns" images rm --sync "$image" >/dev/null 2>&1
+    done
+  done
+  median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  for flow in import run; do
+    local om rm pm
+    om=$(echo "${total[overlayfs-$flow]}" | median)
+    rm=$(echo "${total[refproxy-$flow]}" | median)
+    pm=$(echo "${total[ontop-$flow]}" | median)
+    printf "  %-7s overlayfs %5d ms   refproxy %5d ms (%sx)   ontop %5d ms (%sx)   medians of %d\n" \
+      "$flow" "$om" "$rm" "$(awk -v a="$rm" -v b="$om" 'BEGIN {printf "%.2f", a / b}')" \
+      "$pm" "$(awk -v a="$pm" -v b="$om" 'BEGIN {printf "%.2f", a / b}')" "$reps"
+  done
+}
+
+trace_generation containerd1 "$work/run1"
+if [ -n "${ONTOP_CONTAINERD2_BIN:-}" ]; then
+  PATH="$ONTOP_CONTAINERD2_BIN:$PATH" trace_generation containerd2 "$work/run2"
+fi
