@@ -27,15 +27,24 @@ use crate::store::Record;
 /// containerd streams List results in batches of about this many.
 const LIST_BATCH: usize = 100;
 
-/// Runs blocking core work on tokio's blocking pool. A panic there becomes
-/// an Internal status rather than a dropped connection.
-async fn blocking<T, F>(core: &Arc<Snapshotter>, f: F) -> Result<T, Status>
+/// Runs blocking core work on tokio's blocking pool, with where its time
+/// went recorded by `method` (see `metrics::phases`). A panic there
+/// becomes an Internal status rather than a dropped connection.
+async fn blocking<T, F>(core: &Arc<Snapshotter>, method: &'static str, f: F) -> Result<T, Status>
 where
     T: Send + 'static,
     F: FnOnce(&Snapshotter) -> Result<T, Error> + Send + 'static,
 {
     let core = Arc::clone(core);
-    match tokio::task::spawn_blocking(move || f(&core)).await {
+    let handed = Instant::now();
+    let run = move || {
+        let started = Instant::now();
+        metrics::phases::begin();
+        let out = f(&core);
+        metrics::phases::record(method, started - handed, started.elapsed());
+        out
+    };
+    match tokio::task::spawn_blocking(run).await {
         Ok(result) => result.map_err(Status::from),
         Err(e) => Err(Status::internal(format!("request failed: {e}"))),
     }
@@ -153,7 +162,7 @@ impl Snapshots for SnapshotsService {
         let result = async move {
             let caller = caller(&req);
             let r = req.into_inner();
-            let mounts = blocking(&self.core, move |c| {
+            let mounts = blocking(&self.core, "Prepare", move |c| {
                 c.prepare(&r.key, &r.parent, r.labels, caller)
             })
             .await?;
@@ -173,7 +182,7 @@ impl Snapshots for SnapshotsService {
         let result = async move {
             let caller = caller(&req);
             let r = req.into_inner();
-            let mounts = blocking(&self.core, move |c| {
+            let mounts = blocking(&self.core, "View", move |c| {
                 c.view(&r.key, &r.parent, r.labels, caller)
             })
             .await?;
@@ -200,12 +209,12 @@ impl Snapshots for SnapshotsService {
                 Some(plan) => {
                     let plan = plan?;
                     if plan.touches_filesystem() {
-                        blocking(&self.core, move |c| c.mounts_for(plan, caller)).await?
+                        blocking(&self.core, "Mounts", move |c| c.mounts_for(plan, caller)).await?
                     } else {
                         self.core.mounts_for(plan, caller)?
                     }
                 }
-                None => blocking(&self.core, move |c| c.mounts(&r.key, caller)).await?,
+                None => blocking(&self.core, "Mounts", move |c| c.mounts(&r.key, caller)).await?,
             };
             Ok(Response::new(api::MountsResponse {
                 mounts: to_api_mounts(mounts),
@@ -222,7 +231,7 @@ impl Snapshots for SnapshotsService {
         let call = self.call("Commit", &req.get_ref().key);
         let result = async move {
             let r = req.into_inner();
-            blocking(&self.core, move |c| {
+            blocking(&self.core, "Commit", move |c| {
                 c.commit(&r.name, &r.key, &r.parent, r.labels)
             })
             .await?;
@@ -239,7 +248,7 @@ impl Snapshots for SnapshotsService {
         let call = self.call("Remove", &req.get_ref().key);
         let result = async move {
             let r = req.into_inner();
-            blocking(&self.core, move |c| c.remove(&r.key)).await?;
+            blocking(&self.core, "Remove", move |c| c.remove(&r.key)).await?;
             Ok(Response::new(()))
         }
         .await;
@@ -256,7 +265,7 @@ impl Snapshots for SnapshotsService {
             // As Mounts: inline when a reader is free, which it nearly always is.
             let snap = match self.core.try_stat(&r.key) {
                 Some(snap) => snap?,
-                None => blocking(&self.core, move |c| c.stat(&r.key)).await?,
+                None => blocking(&self.core, "Stat", move |c| c.stat(&r.key)).await?,
             };
             Ok(Response::new(api::StatSnapshotResponse {
                 info: Some(to_api_info(snap)),
@@ -280,7 +289,7 @@ impl Snapshots for SnapshotsService {
                 Status::invalid_argument("update needs info with the snapshot's name")
             })?;
             let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-            let snap = blocking(&self.core, move |c| {
+            let snap = blocking(&self.core, "Update", move |c| {
                 c.update(&info.name, info.labels, &paths)
             })
             .await?;
@@ -351,7 +360,7 @@ impl Snapshots for SnapshotsService {
         let call = self.call("Usage", &req.get_ref().key);
         let result = async move {
             let r = req.into_inner();
-            let u = blocking(&self.core, move |c| c.usage(&r.key)).await?;
+            let u = blocking(&self.core, "Usage", move |c| c.usage(&r.key)).await?;
             Ok(Response::new(api::UsageResponse {
                 size: u.size,
                 inodes: u.inodes,
@@ -364,7 +373,7 @@ impl Snapshots for SnapshotsService {
     async fn cleanup(&self, _req: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
         let call = self.call("Cleanup", "");
         let result = async move {
-            blocking(&self.core, |c| c.cleanup()).await?;
+            blocking(&self.core, "Cleanup", |c| c.cleanup()).await?;
             Ok(Response::new(()))
         }
         .await;
@@ -403,7 +412,7 @@ impl admin::admin_server::Admin for AdminService {
         &self,
         _req: Request<admin::ListRequest>,
     ) -> Result<Response<admin::ListResponse>, Status> {
-        let records = blocking(&self.core, |c| c.records()).await?;
+        let records = blocking(&self.core, "admin.List", |c| c.records()).await?;
         Ok(Response::new(admin::ListResponse {
             snapshots: records.into_iter().map(|(r, l)| summary(r, l)).collect(),
         }))
@@ -414,7 +423,7 @@ impl admin::admin_server::Admin for AdminService {
         req: Request<admin::InfoRequest>,
     ) -> Result<Response<admin::InfoResponse>, Status> {
         let key = req.into_inner().key;
-        let info = blocking(&self.core, move |c| c.info(&key)).await?;
+        let info = blocking(&self.core, "admin.Info", move |c| c.info(&key)).await?;
         Ok(Response::new(admin::InfoResponse {
             snapshot: Some(summary(info.record, info.labels)),
             chain: info
@@ -431,7 +440,7 @@ impl admin::admin_server::Admin for AdminService {
         req: Request<admin::CheckRequest>,
     ) -> Result<Response<admin::CheckResponse>, Status> {
         let repair = req.into_inner().repair;
-        let findings = blocking(&self.core, move |c| c.check(repair)).await?;
+        let findings = blocking(&self.core, "admin.Check", move |c| c.check(repair)).await?;
         Ok(Response::new(admin::CheckResponse {
             findings: findings.into_iter().map(Into::into).collect(),
         }))

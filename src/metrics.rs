@@ -60,6 +60,13 @@ fn describe() {
         Unit::Seconds,
         "Time from a call's arrival to its answer, by method"
     );
+    describe_histogram!(
+        "ontop_call_phase_duration_seconds",
+        Unit::Seconds,
+        "Where calls run on the blocking pool spend their time, by method and phase: \
+         queue (the hand-off to the pool), writer_wait (other writes), durable_commit \
+         (their COMMIT), work (SQL and filesystem)"
+    );
     describe_gauge!("ontop_snapshots", "Snapshots in the database, by kind");
     describe_histogram!(
         "ontop_group_commit_batch_size",
@@ -139,6 +146,68 @@ pub fn usage_walk(files: u64, took: Duration) {
 /// Bytes Cleanup freed.
 pub fn cleanup_reclaimed(bytes: u64) {
     counter!("ontop_cleanup_reclaimed_bytes_total").increment(bytes);
+}
+
+/// Where a call's time went, for `ontop_call_phase_duration_seconds`.
+/// The store notes its waits on the thread that runs the call (the
+/// blocking pool's), and the gRPC layer reads them back when the call's
+/// work is done there.
+pub mod phases {
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    use metrics::histogram;
+
+    #[derive(Debug, Default, Clone, Copy)]
+    struct Waits {
+        writer: Duration,
+        durable: Duration,
+    }
+
+    thread_local! {
+        static WAITS: Cell<Waits> = const { Cell::new(Waits { writer: Duration::ZERO, durable: Duration::ZERO }) };
+    }
+
+    /// Time a write waited for the metadata writer (other writes).
+    pub fn writer_wait(d: Duration) {
+        WAITS.with(|w| {
+            let mut v = w.get();
+            v.writer += d;
+            w.set(v);
+        });
+    }
+
+    /// Time a write spent making itself durable: its batch's COMMIT (the
+    /// fsyncs), run by itself or waited for.
+    pub fn durable_commit(d: Duration) {
+        WAITS.with(|w| {
+            let mut v = w.get();
+            v.durable += d;
+            w.set(v);
+        });
+    }
+
+    /// Starts counting a call's waits on this thread.
+    pub fn begin() {
+        WAITS.with(|w| w.set(Waits::default()));
+    }
+
+    /// Records a call that ran on this thread for `ran` after `queued` in
+    /// the hand-off to it: the queue, the two waits, and the rest, which
+    /// is the call's own work (SQL and filesystem).
+    pub fn record(method: &'static str, queued: Duration, ran: Duration) {
+        let waits = WAITS.with(|w| w.take());
+        let work = ran.saturating_sub(waits.writer + waits.durable);
+        for (phase, d) in [
+            ("queue", queued),
+            ("writer_wait", waits.writer),
+            ("durable_commit", waits.durable),
+            ("work", work),
+        ] {
+            histogram!("ontop_call_phase_duration_seconds", "method" => method, "phase" => phase)
+                .record(d);
+        }
+    }
 }
 
 /// Whether anything is recorded: Cleanup measures what it frees only then.

@@ -532,6 +532,8 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
         r#"ontop_call_duration_seconds_bucket{method="Prepare",le="+Inf"} 26"#,
         r#"ontop_snapshots{kind="active"} 24"#,
         r#"ontop_snapshots{kind="committed"} 1"#,
+        r#"ontop_call_phase_duration_seconds_count{method="Prepare",phase="durable_commit"} 26"#,
+        r#"ontop_call_phase_duration_seconds_count{method="Commit",phase="queue"} 2"#,
         "ontop_group_commit_batch_size_count",
         "ontop_durable_commit_duration_seconds_bucket",
         "ontop_database_size_bytes",

@@ -3,8 +3,8 @@
 //! many callers as are queued. See the module doc of [`super`].
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
@@ -55,11 +55,23 @@ impl Store {
     /// nothing of `f` is in the database, so the caller can undo its
     /// filesystem side.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let asked = Instant::now();
         self.queued.fetch_add(1, Ordering::SeqCst);
         let locked = self.writer.lock();
         self.queued.fetch_sub(1, Ordering::SeqCst);
-        let mut w = locked.map_err(|_| anyhow::anyhow!("metadata writer lock poisoned"))?;
+        let w = locked.map_err(|_| anyhow::anyhow!("metadata writer lock poisoned"))?;
+        crate::metrics::phases::writer_wait(asked.elapsed());
+        let mut w = w;
         let out = Self::run_in_savepoint(&mut w, f);
+        let durable = Instant::now();
+        let result = self.make_durable(w, out);
+        crate::metrics::phases::durable_commit(durable.elapsed());
+        result
+    }
+
+    /// Commits the batch `out` joined, or waits for whoever does; the
+    /// result is `out` once its work is durable.
+    fn make_durable<T>(&self, mut w: MutexGuard<'_, Writer>, out: Result<T>) -> Result<T> {
         let batch = Arc::clone(&w.batch);
         if !w.open {
             // BEGIN failed, or the batch was dropped: tell its waiters.
