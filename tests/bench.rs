@@ -59,6 +59,7 @@ async fn quick_bench_runs_every_workload_against_a_daemon_it_starts() {
         "chain: layer",
         "chain: prepare",
         "chain: commit",
+        "rpc floor (health check) at",
         "stat at",
         "mounts at",
         "list at",

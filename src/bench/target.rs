@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use tonic::{Code, Status};
 
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
 use crate::client::{Namespace, Snapshots};
 use crate::containerd_api::types::Mount;
 
@@ -225,6 +228,19 @@ impl Target {
         .await?;
         self.api = api;
         Ok(answered - started)
+    }
+
+    /// A client of the gRPC health service on the target's own socket,
+    /// when it serves one (ontop does): a Check is an RPC whose handler
+    /// does next to nothing, so it times the floor under Stat and Mounts.
+    pub async fn health(&self) -> Option<HealthClient<tonic::transport::Channel>> {
+        if !self.snapshotter.is_empty() {
+            return None;
+        }
+        let channel = crate::client::connect(&self.socket).await.ok()?;
+        let mut health = HealthClient::new(channel);
+        health.check(HealthCheckRequest::default()).await.ok()?;
+        Some(health)
     }
 
     pub fn mountpoint(&self, name: &str) -> anyhow::Result<PathBuf> {

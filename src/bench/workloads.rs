@@ -29,8 +29,16 @@ struct Held {
 /// A label one population snapshot in ten carries, for filtered List.
 const GROUP_LABEL: &str = "bench/group";
 
-/// What `lookups` measures, in the order it returns them.
-const LOOKUPS: [&str; 4] = ["stat", "mounts", "list", "list filtered"];
+/// What `lookups` measures, in the order it returns them. The first is
+/// the floor under Stat and Mounts: a health Check on the same socket, an
+/// RPC whose handler does next to nothing, timed where a target serves it.
+const LOOKUPS: [&str; 5] = [
+    "rpc floor (health check)",
+    "stat",
+    "mounts",
+    "list",
+    "list filtered",
+];
 
 /// The workload groups `--only` can pick; teardown always runs.
 pub const GROUPS: &[&str] = &["chain", "lookups", "create", "usage", "image"];
@@ -447,7 +455,7 @@ async fn lookups(
     n: usize,
     sizes: &Sizes,
     run: &str,
-) -> anyhow::Result<[Vec<Series>; 4]> {
+) -> anyhow::Result<[Vec<Series>; 5]> {
     for (i, t) in targets.iter_mut().enumerate() {
         let h = &held[i];
         let have =
@@ -460,11 +468,22 @@ async fn lookups(
     }
     let mut stat = vec![Series::default(); targets.len()];
     let mut mounts = stat.clone();
+    let mut floor = stat.clone();
+    let mut health = Vec::new();
+    for t in targets.iter() {
+        health.push(t.health().await);
+    }
     let rounds = 10.min(sizes.lookups).max(1);
     for _ in 0..rounds {
         for (i, t) in targets.iter_mut().enumerate() {
             let keys = &held[i].active;
             for _ in 0..sizes.lookups / rounds {
+                if let Some(h) = &mut health[i] {
+                    let check = h.check(tonic_health::pb::HealthCheckRequest::default());
+                    timed(&mut floor[i], check)
+                        .await
+                        .map_err(|s| anyhow!("{}: health Check: {s}", t.name))?;
+                }
                 let key = &keys[fastrand::usize(..keys.len())];
                 timed(&mut stat[i], t.stat(key))
                     .await
@@ -489,7 +508,7 @@ async fn lookups(
                 .map_err(|s| anyhow!("{}: List: {s}", t.name))?;
         }
     }
-    Ok([stat, mounts, list, filtered])
+    Ok([floor, stat, mounts, list, filtered])
 }
 
 fn targets_names(targets: &[Target]) -> Vec<String> {
