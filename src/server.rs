@@ -197,7 +197,9 @@ pub async fn serve_on(
         result = &mut server => result,
         reason = shutdown => {
             tracing::info!("{reason}: shutting down");
-            if let Some((n, _)) = &notified {
+            if let Some((n, beating)) = &notified {
+                // No more STATUS=serving or watchdog pings from here on.
+                beating.abort();
                 n.send("STOPPING=1\nSTATUS=shutting down: finishing calls in flight");
             }
             health.set_not_serving::<SnapshotsServer<SnapshotsService>>().await;

@@ -59,9 +59,8 @@ impl Store {
         self.queued.fetch_add(1, Ordering::SeqCst);
         let locked = self.writer.lock();
         self.queued.fetch_sub(1, Ordering::SeqCst);
-        let w = locked.map_err(|_| anyhow::anyhow!("metadata writer lock poisoned"))?;
+        let mut w = locked.map_err(|_| anyhow::anyhow!("metadata writer lock poisoned"))?;
         crate::metrics::phases::writer_wait(asked.elapsed());
-        let mut w = w;
         let out = Self::run_in_savepoint(&mut w, f);
         let durable = Instant::now();
         let result = self.make_durable(w, out);
