@@ -70,6 +70,9 @@ const MIGRATIONS: &[&str] = &[
     // under the snapshot's stack (own or inherited from its parent), as raw
     // bytes so any path round-trips.
     "ALTER TABLE snapshots ADD COLUMN base BLOB;",
+    // 3: the few snapshots on a host base, found without a scan: start-up
+    // looks for what a crash left of their pins (`committed_on_bases`).
+    "CREATE INDEX snapshots_on_bases ON snapshots(kind) WHERE base IS NOT NULL;",
 ];
 
 pub struct Store {

@@ -542,4 +542,35 @@ mod tests {
         assert_eq!(all[0].1, labels(&[("x", "1")]));
         assert!(all[1].1.is_empty());
     }
+
+    #[test]
+    fn committed_snapshots_on_bases_are_found_by_index_not_by_scan() {
+        let (_d, store) = open();
+        let plan: String = store
+            .read(|tx| {
+                Ok(tx.0.query_row(
+                    "EXPLAIN QUERY PLAN SELECT id FROM snapshots WHERE kind = 3 AND base IS NOT NULL",
+                    [],
+                    |r| r.get::<_, String>(3),
+                )?)
+            })
+            .unwrap();
+        assert!(plan.contains("snapshots_on_bases"), "{plan}");
+        let now = Timestamp::now();
+        let odd = Path::new("/srv/base");
+        let (on_base, _plain) = store
+            .write(|tx| {
+                let none = Labels::new();
+                let mut n = new(Kind::Committed, "on-base", None, &none);
+                n.base = Some(odd);
+                let a = tx.insert(&n, now)?;
+                let b = tx.insert(&new(Kind::Committed, "plain", None, &none), now)?;
+                Ok((a, b))
+            })
+            .unwrap();
+        assert_eq!(
+            store.read(|tx| tx.committed_on_bases()).unwrap(),
+            vec![on_base]
+        );
+    }
 }
