@@ -61,21 +61,55 @@ const RECORD_COLUMNS: &str = "s.id AS id, s.kind AS kind, s.key AS key,
      s.size AS size, s.inodes AS inodes, s.base AS base
      FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id";
 
-fn record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
-    Ok(Record {
-        id: r.get("id")?,
-        kind: r.get("kind")?,
-        key: r.get("key")?,
-        parent_id: r.get("parent_id")?,
-        parent: r.get("parent")?,
-        created: r.get("created_ns")?,
-        updated: r.get("updated_ns")?,
-        usage: Usage {
-            size: r.get("size")?,
-            inodes: r.get("inodes")?,
-        },
-        base: r.get::<_, Option<SqlPath>>("base")?.map(|p| p.0),
-    })
+/// Where each column of [`RECORD_COLUMNS`] is in a statement: found by
+/// name once per statement, then read by position on every row. (By name
+/// on every row, List of 100k snapshots took 1.6 times as long.)
+struct RecordColumns {
+    id: usize,
+    kind: usize,
+    key: usize,
+    parent_id: usize,
+    parent: usize,
+    created: usize,
+    updated: usize,
+    size: usize,
+    inodes: usize,
+    base: usize,
+}
+
+impl RecordColumns {
+    fn of(stmt: &rusqlite::Statement<'_>) -> rusqlite::Result<RecordColumns> {
+        let at = |name| stmt.column_index(name);
+        Ok(RecordColumns {
+            id: at("id")?,
+            kind: at("kind")?,
+            key: at("key")?,
+            parent_id: at("parent_id")?,
+            parent: at("parent")?,
+            created: at("created_ns")?,
+            updated: at("updated_ns")?,
+            size: at("size")?,
+            inodes: at("inodes")?,
+            base: at("base")?,
+        })
+    }
+
+    fn read(&self, r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+        Ok(Record {
+            id: r.get(self.id)?,
+            kind: r.get(self.kind)?,
+            key: r.get(self.key)?,
+            parent_id: r.get(self.parent_id)?,
+            parent: r.get(self.parent)?,
+            created: r.get(self.created)?,
+            updated: r.get(self.updated)?,
+            usage: Usage {
+                size: r.get(self.size)?,
+                inodes: r.get(self.inodes)?,
+            },
+            base: r.get::<_, Option<SqlPath>>(self.base)?.map(|p| p.0),
+        })
+    }
 }
 
 /// A kind is stored as containerd's enum number (1 view, 2 active, 3
@@ -146,14 +180,16 @@ impl Tx<'_> {
         let mut stmt = self
             .0
             .prepare_cached(&format!("SELECT {RECORD_COLUMNS} WHERE s.key = ?1"))?;
-        Ok(stmt.query_row([key], record_from_row).optional()?)
+        let cols = RecordColumns::of(&stmt)?;
+        Ok(stmt.query_row([key], |r| cols.read(r)).optional()?)
     }
 
     pub fn record_by_id(&self, id: Id) -> Result<Option<Record>> {
         let mut stmt = self
             .0
             .prepare_cached(&format!("SELECT {RECORD_COLUMNS} WHERE s.id = ?1"))?;
-        Ok(stmt.query_row([id], record_from_row).optional()?)
+        let cols = RecordColumns::of(&stmt)?;
+        Ok(stmt.query_row([id], |r| cols.read(r)).optional()?)
     }
 
     /// The record for `key`, or NotFound naming it.
@@ -301,6 +337,7 @@ impl Tx<'_> {
         let mut labels = self
             .0
             .prepare_cached("SELECT snapshot_id, key, value FROM labels ORDER BY snapshot_id")?;
+        let cols = RecordColumns::of(&records)?;
         let mut records = records.query([])?;
         let mut labels = labels.query([])?;
         let next_label = |labels: &mut rusqlite::Rows<'_>| -> rusqlite::Result<_> {
@@ -315,7 +352,7 @@ impl Tx<'_> {
         };
         let mut pending = next_label(&mut labels)?;
         while let Some(row) = records.next()? {
-            let rec = record_from_row(row)?;
+            let rec = cols.read(row)?;
             let mut own = Labels::new();
             while let Some((id, k, v)) = pending.take() {
                 if id > rec.id {
