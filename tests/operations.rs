@@ -134,18 +134,28 @@ impl Seen {
     }
 }
 
-/// Whether a call failed before its request left this process: hyper
-/// cancels a request still queued for a connection that closes (here, one
-/// the server said goodbye on). gRPC clients retry exactly these by
-/// themselves, as the retry design (gRFC A6) says and grpc-go, which
-/// containerd uses, does: the server never saw them, so a retry cannot
-/// run one twice. tonic does not, so this client does.
+/// Whether a call failed without the server having run it, so that
+/// making it again cannot run it twice:
+/// - hyper cancels a request still queued for a connection that closes
+///   (here, one the server said goodbye on): it never left this process;
+/// - the server's goodbye (an HTTP/2 GOAWAY with NO_ERROR) refuses a
+///   stream above the last one it took: RFC 9113 §6.8 says such streams
+///   were not processed.
+///
+/// gRPC clients retry exactly these by themselves, as the retry design
+/// (gRFC A6) says and grpc-go, which containerd uses, does. tonic does
+/// not, so this client does.
 fn never_sent(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {
         if e.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_canceled)
         {
+            return true;
+        }
+        if e.downcast_ref::<h2::Error>().is_some_and(|h2| {
+            h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR)
+        }) {
             return true;
         }
         source = e.source();
@@ -241,7 +251,7 @@ async fn restarts_under_load(d: &mut Daemon) -> (u64, u64, Duration) {
         println!("  first failure: {e}");
     }
     println!(
-        "  {} calls made again because they never left the client",
+        "  {} calls made again because the server never ran them",
         all.retried
     );
     (all.ok, all.failed, all.longest_gap)
