@@ -76,7 +76,9 @@ impl std::str::FromStr for MetricsAddress {
             };
         }
         s.parse().map(MetricsAddress::Tcp).map_err(|_| {
-            format!("metrics address {s:?} is neither HOST:PORT (such as 127.0.0.1:9163) nor unix:/path")
+            format!(
+                "metrics address {s:?} is neither IP:PORT (such as 127.0.0.1:9163) nor unix:/path"
+            )
         })
     }
 }
@@ -338,6 +340,40 @@ mod tests {
     }
 
     #[test]
+    fn metrics_address_and_slow_call_threshold_are_read_with_defaults() {
+        let c = Config::merge(
+            FileConfig::default(),
+            Overrides::default(),
+            Defaults::system(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.metrics_address, c.slow_call),
+            (None, Duration::from_secs(1))
+        );
+        let file: FileConfig = toml::from_str(
+            "metrics_address = \"unix:/run/ontop/metrics.sock\"\nslow_call_seconds = 0.25",
+        )
+        .unwrap();
+        let c = Config::merge(file, Overrides::default(), Defaults::system()).unwrap();
+        assert_eq!(
+            c.metrics_address,
+            Some(MetricsAddress::Unix("/run/ontop/metrics.sock".into()))
+        );
+        assert_eq!(c.slow_call, Duration::from_millis(250));
+        // The flag wins; empty turns metrics off.
+        let flags = Overrides {
+            metrics_address: Some("127.0.0.1:9163".into()),
+            ..Default::default()
+        };
+        let c = Config::merge(FileConfig::default(), flags, Defaults::system()).unwrap();
+        assert_eq!(c.metrics_address.unwrap().to_string(), "127.0.0.1:9163");
+        let file: FileConfig = toml::from_str("metrics_address = \"\"").unwrap();
+        let c = Config::merge(file, Overrides::default(), Defaults::system()).unwrap();
+        assert_eq!(c.metrics_address, None);
+    }
+
+    #[test]
     fn defaults_apply_when_nothing_is_set() {
         let c = Config::merge(
             FileConfig::default(),
@@ -390,6 +426,10 @@ mod tests {
                 "root = \"/srv\"\nbase_roots = [\"/srv/x\"]",
                 "inside ontop's root",
             ),
+            ("metrics_address = \"localhost:9163\"", "IP:PORT"),
+            ("metrics_address = \"unix:run/m.sock\"", "absolute path"),
+            ("slow_call_seconds = 0.0", "positive"),
+            ("slow_call_seconds = -1.0", "positive"),
         ];
         for (text, want) in cases {
             let err = parse(text)

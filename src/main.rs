@@ -77,7 +77,7 @@ struct ServeArgs {
     log_level: Option<String>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
-    /// Serve Prometheus metrics at /metrics on HOST:PORT or unix:/path.
+    /// Serve Prometheus metrics at /metrics on IP:PORT or unix:/path.
     #[arg(long)]
     metrics_address: Option<String>,
 }
