@@ -52,11 +52,7 @@ async fn it_starts_quickly_and_the_socket_is_0660_in_a_created_directory() {
     let md = fs::symlink_metadata(&socket).unwrap();
     assert!(md.file_type().is_socket());
     assert_eq!(md.permissions().mode() & 0o777, 0o660);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    common::terminate(child.id()).unwrap();
     assert!(child.wait().unwrap().success());
 }
 

@@ -60,18 +60,14 @@ async fn a_socket_passed_for_another_process_is_ignored_and_a_wrong_one_is_refus
             .env("LISTEN_PID", listen_pid)
             .env("LISTEN_FDS", listen_fds)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap()
     };
     // Meant for a parent (LISTEN_PID is not ontop's): ontop binds its own.
     let mut child = serve("1", "1");
     eventually(10, "ontop to bind its own socket", || socket.exists()).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    common::terminate(child.id()).unwrap();
     assert!(child.wait().unwrap().success());
 
     // Two sockets for ontop: refused with the reason, never a guess.
@@ -365,11 +361,7 @@ async fn systemd_hears_ready_once_calls_are_answered_then_the_watchdog_then_stop
         "the status says what ontop does: {fed:?}"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    common::terminate(pid).unwrap();
     let stopping = tokio::task::block_in_place(|| manager.until("STOPPING=1"));
     assert!(
         stopping.last().unwrap().contains("STATUS=shutting down"),
@@ -410,11 +402,7 @@ async fn health_answers_serving_and_a_watcher_hears_not_serving_at_shutdown() {
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    common::terminate(d.pid()).unwrap();
     let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
         .await
         .expect("a status change within 5s of SIGTERM")
@@ -462,15 +450,6 @@ async fn every_call_is_logged_with_method_key_code_and_duration_and_slow_ones_wa
     assert!(line["fields"]["duration_ms"].as_f64().unwrap() > 0.0);
 }
 
-/// A free TCP port on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET `path` from 127.0.0.1:`port` over HTTP/1.0; the status and body.
 fn http_get(port: u16, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -498,24 +477,12 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-fn require(program: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{program} is missing: install Debian's prometheus package (scripts/test.sh does)"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls() {
-    require("promtool");
-    require("prometheus");
-    let port = free_port();
+    let install = "apt-get install prometheus (scripts/test.sh installs it)";
+    common::require_program("promtool", install);
+    common::require_program("prometheus", install);
+    let port = common::free_port();
     let d = Daemon::start_with_config(&format!(
         "metrics_address = \"127.0.0.1:{port}\"\nasync_remove = true\n"
     ))
@@ -591,15 +558,11 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
     // A real Prometheus scrapes ontop every second, with the sample alerts.
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("contrib/prometheus/ontop-alerts.yml");
-    let check = Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(&rules)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "promtool check rules:\n{}",
-        String::from_utf8_lossy(&check.stdout)
+    common::stdout_of(
+        Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&rules),
+        "promtool check rules",
     );
     let prom_dir = d.dir.path().join("prometheus");
     std::fs::create_dir_all(&prom_dir).unwrap();
@@ -612,7 +575,7 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
         ),
     )
     .unwrap();
-    let prom_port = free_port();
+    let prom_port = common::free_port();
     let prometheus = Command::new("prometheus")
         .arg(format!(
             "--config.file={}",

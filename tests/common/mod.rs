@@ -105,6 +105,32 @@ macro_rules! on_every_containerd {
     };
 }
 
+/// Sends SIGTERM to `pid`: ontop's graceful stop.
+pub fn terminate(pid: u32) -> nix::Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Fails the test, saying how to get it, unless `program` is on PATH.
+pub fn require_program(program: &str, install: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(found, "{program} is not installed: {install}");
+}
+
 /// Fails the test with a clear reason when it is not run as root: mount
 /// tests must run, never skip.
 pub fn require_root() {
@@ -196,40 +222,21 @@ impl Daemon {
 
     /// Starts a daemon whose config is made from its test directory.
     pub async fn start_with(config: impl FnOnce(&Path) -> String) -> Daemon {
-        require_root();
-        let dir = tempfile::Builder::new()
-            .prefix("ontop-test-")
-            .tempdir()
-            .expect("creating test dir");
-        let root = dir.path().join("root");
-        let socket = dir.path().join("run/ontop.sock");
-        std::fs::write(dir.path().join("config.toml"), config(dir.path())).unwrap();
-        let mut d = Daemon {
-            backend: backend(),
-            log: dir.path().join("daemon.log"),
-            dir,
-            root,
-            socket,
-            child: None,
-            rootless: None,
-            activation: None,
-            in_process: None,
-        };
+        let mut d = Daemon::prepared(config);
         d.spawn().await;
         d
     }
 
-    /// Serves a fresh root from this test's own process through
-    /// `ontop::server::serve_on`, on a socket as the binary would: for
-    /// contract tests, which then need no process and show their panics
-    /// and backtraces in one place. It has no log and no pid.
-    pub async fn start_in_process() -> Daemon {
+    /// A daemon's test directory, with its config file written from
+    /// `config`, and nothing started yet.
+    fn prepared(config: impl FnOnce(&Path) -> String) -> Daemon {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("ontop-test-")
             .tempdir()
             .expect("creating test dir");
-        let mut d = Daemon {
+        std::fs::write(dir.path().join("config.toml"), config(dir.path())).unwrap();
+        Daemon {
             backend: backend(),
             log: dir.path().join("daemon.log"),
             root: dir.path().join("root"),
@@ -239,7 +246,15 @@ impl Daemon {
             rootless: None,
             activation: None,
             in_process: None,
-        };
+        }
+    }
+
+    /// Serves a fresh root from this test's own process through
+    /// `ontop::server::serve_on`, on a socket as the binary would: for
+    /// contract tests, which then need no process and show their panics
+    /// and backtraces in one place. It has no log and no pid.
+    pub async fn start_in_process() -> Daemon {
+        let mut d = Daemon::prepared(|_| String::new());
         let config = ontop::config::Config::merge(
             Default::default(),
             ontop::config::Overrides {
@@ -288,25 +303,10 @@ impl Daemon {
     /// `contrib/ontop.socket` runs it (see [`SUPERVISOR`]): the socket
     /// outlives each ontop process, and `restart` starts a new one on it.
     pub async fn start_activated(config: &str) -> Daemon {
-        require_root();
-        let dir = tempfile::Builder::new()
-            .prefix("ontop-test-")
-            .tempdir()
-            .expect("creating test dir");
-        std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        let state = dir.path().join("activation");
+        let mut d = Daemon::prepared(|_| config.to_string());
+        let state = d.dir.path().join("activation");
         std::fs::create_dir_all(&state).unwrap();
-        let mut d = Daemon {
-            backend: backend(),
-            log: dir.path().join("daemon.log"),
-            root: dir.path().join("root"),
-            socket: dir.path().join("run/ontop.sock"),
-            dir,
-            child: None,
-            rootless: None,
-            activation: Some(state),
-            in_process: None,
-        };
+        d.activation = Some(state);
         d.spawn().await;
         d
     }
@@ -516,12 +516,12 @@ impl Daemon {
             result.unwrap_or_else(|e| panic!("serve_on failed: {e:#}"));
             return std::process::ExitStatus::from_raw(0);
         }
-        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        let pid = self.pid();
         if let Some(state) = &self.activation {
             std::fs::write(state.join("stop"), "").unwrap();
         }
         let mut child = self.child.take().expect("daemon running");
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = terminate(pid);
         // Past the daemon's own 10 s grace for clients that never hang up.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -564,10 +564,7 @@ impl Daemon {
             return;
         }
         let old = self.pid();
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(old as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = terminate(old);
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.pid() == old || !self.answers().await {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {

@@ -17,24 +17,13 @@ impl Registry {
     /// Starts a registry storing under `dir`, on a free port.
     pub fn start(dir: &Path) -> Registry {
         for tool in ["docker-registry", "skopeo"] {
-            assert!(
-                Command::new("sh")
-                    .args(["-c", &format!("command -v {tool}")])
-                    .output()
-                    .unwrap()
-                    .status
-                    .success(),
-                "{tool} is not installed: apt-get install docker-registry skopeo \
-                 (scripts/test.sh installs them)"
+            super::require_program(
+                tool,
+                "apt-get install docker-registry skopeo (scripts/test.sh installs them)",
             );
         }
         std::fs::create_dir_all(dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let host = format!("127.0.0.1:{port}");
+        let host = format!("127.0.0.1:{}", super::free_port());
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
