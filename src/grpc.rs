@@ -131,6 +131,15 @@ struct Call {
 }
 
 impl Call {
+    /// Runs the call's core work on the blocking pool (see `blocking`).
+    async fn run<T, F>(&self, core: &Arc<Snapshotter>, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Snapshotter) -> Result<T, Error> + Send + 'static,
+    {
+        blocking(core, self.method, f).await
+    }
+
     fn end<T>(self, result: Result<T, Status>) -> Result<T, Status> {
         self.finish(match &result {
             Ok(_) => Code::Ok,
@@ -159,13 +168,14 @@ impl Snapshots for SnapshotsService {
         req: Request<api::PrepareSnapshotRequest>,
     ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
         let call = self.call("Prepare", &req.get_ref().key);
-        let result = async move {
+        let result = async {
             let caller = caller(&req);
             let r = req.into_inner();
-            let mounts = blocking(&self.core, "Prepare", move |c| {
-                c.prepare(&r.key, &r.parent, r.labels, caller)
-            })
-            .await?;
+            let mounts = call
+                .run(&self.core, move |c| {
+                    c.prepare(&r.key, &r.parent, r.labels, caller)
+                })
+                .await?;
             Ok(Response::new(api::PrepareSnapshotResponse {
                 mounts: to_api_mounts(mounts),
             }))
@@ -179,13 +189,14 @@ impl Snapshots for SnapshotsService {
         req: Request<api::ViewSnapshotRequest>,
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
         let call = self.call("View", &req.get_ref().key);
-        let result = async move {
+        let result = async {
             let caller = caller(&req);
             let r = req.into_inner();
-            let mounts = blocking(&self.core, "View", move |c| {
-                c.view(&r.key, &r.parent, r.labels, caller)
-            })
-            .await?;
+            let mounts = call
+                .run(&self.core, move |c| {
+                    c.view(&r.key, &r.parent, r.labels, caller)
+                })
+                .await?;
             Ok(Response::new(api::ViewSnapshotResponse {
                 mounts: to_api_mounts(mounts),
             }))
@@ -199,7 +210,7 @@ impl Snapshots for SnapshotsService {
         req: Request<api::MountsRequest>,
     ) -> Result<Response<api::MountsResponse>, Status> {
         let call = self.call("Mounts", &req.get_ref().key);
-        let result = async move {
+        let result = async {
             let caller = caller(&req);
             let r = req.into_inner();
             // Containers start through Mounts: answer from the async worker
@@ -209,12 +220,16 @@ impl Snapshots for SnapshotsService {
                 Some(plan) => {
                     let plan = plan?;
                     if plan.touches_filesystem() {
-                        blocking(&self.core, "Mounts", move |c| c.mounts_for(plan, caller)).await?
+                        call.run(&self.core, move |c| c.mounts_for(plan, caller))
+                            .await?
                     } else {
                         self.core.mounts_for(plan, caller)?
                     }
                 }
-                None => blocking(&self.core, "Mounts", move |c| c.mounts(&r.key, caller)).await?,
+                None => {
+                    call.run(&self.core, move |c| c.mounts(&r.key, caller))
+                        .await?
+                }
             };
             Ok(Response::new(api::MountsResponse {
                 mounts: to_api_mounts(mounts),
@@ -229,9 +244,9 @@ impl Snapshots for SnapshotsService {
         req: Request<api::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let call = self.call("Commit", &req.get_ref().key);
-        let result = async move {
+        let result = async {
             let r = req.into_inner();
-            blocking(&self.core, "Commit", move |c| {
+            call.run(&self.core, move |c| {
                 c.commit(&r.name, &r.key, &r.parent, r.labels)
             })
             .await?;
@@ -246,9 +261,9 @@ impl Snapshots for SnapshotsService {
         req: Request<api::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let call = self.call("Remove", &req.get_ref().key);
-        let result = async move {
+        let result = async {
             let r = req.into_inner();
-            blocking(&self.core, "Remove", move |c| c.remove(&r.key)).await?;
+            call.run(&self.core, move |c| c.remove(&r.key)).await?;
             Ok(Response::new(()))
         }
         .await;
@@ -260,12 +275,12 @@ impl Snapshots for SnapshotsService {
         req: Request<api::StatSnapshotRequest>,
     ) -> Result<Response<api::StatSnapshotResponse>, Status> {
         let call = self.call("Stat", &req.get_ref().key);
-        let result = async move {
+        let result = async {
             let r = req.into_inner();
             // As Mounts: inline when a reader is free, which it nearly always is.
             let snap = match self.core.try_stat(&r.key) {
                 Some(snap) => snap?,
-                None => blocking(&self.core, "Stat", move |c| c.stat(&r.key)).await?,
+                None => call.run(&self.core, move |c| c.stat(&r.key)).await?,
             };
             Ok(Response::new(api::StatSnapshotResponse {
                 info: Some(to_api_info(snap)),
@@ -283,16 +298,17 @@ impl Snapshots for SnapshotsService {
             "Update",
             req.get_ref().info.as_ref().map_or("", |i| i.name.as_str()),
         );
-        let result = async move {
+        let result = async {
             let r = req.into_inner();
             let info = r.info.ok_or_else(|| {
                 Status::invalid_argument("update needs info with the snapshot's name")
             })?;
             let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-            let snap = blocking(&self.core, "Update", move |c| {
-                c.update(&info.name, info.labels, &paths)
-            })
-            .await?;
+            let snap = call
+                .run(&self.core, move |c| {
+                    c.update(&info.name, info.labels, &paths)
+                })
+                .await?;
             Ok(Response::new(api::UpdateSnapshotResponse {
                 info: Some(to_api_info(snap)),
             }))
@@ -358,9 +374,9 @@ impl Snapshots for SnapshotsService {
         req: Request<api::UsageRequest>,
     ) -> Result<Response<api::UsageResponse>, Status> {
         let call = self.call("Usage", &req.get_ref().key);
-        let result = async move {
+        let result = async {
             let r = req.into_inner();
-            let u = blocking(&self.core, "Usage", move |c| c.usage(&r.key)).await?;
+            let u = call.run(&self.core, move |c| c.usage(&r.key)).await?;
             Ok(Response::new(api::UsageResponse {
                 size: u.size,
                 inodes: u.inodes,
@@ -372,8 +388,8 @@ impl Snapshots for SnapshotsService {
 
     async fn cleanup(&self, _req: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
         let call = self.call("Cleanup", "");
-        let result = async move {
-            blocking(&self.core, "Cleanup", |c| c.cleanup()).await?;
+        let result = async {
+            call.run(&self.core, |c| c.cleanup()).await?;
             Ok(Response::new(()))
         }
         .await;
