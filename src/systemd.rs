@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockType, UnixAddr};
+use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, UnixAddr};
 
 /// The first inherited descriptor (SD_LISTEN_FDS_START).
 const LISTEN_FDS_START: RawFd = 3;
@@ -37,20 +37,17 @@ pub fn inherited_listener() -> anyhow::Result<Option<(UnixListener, Option<PathB
     // SAFETY: sd_listen_fds(3) hands this process fd 3 to own; nothing
     // else in ontop opens or closes it.
     let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
-    let family = getsockname::<UnixAddr>(LISTEN_FDS_START)
-        .map(|_| AddressFamily::Unix)
-        .ok();
+    // Fails for a socket of any other family.
+    let unix = getsockname::<UnixAddr>(LISTEN_FDS_START).ok();
     let stream = getsockopt(&fd, sockopt::SockType).ok() == Some(SockType::Stream);
     let listening = getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
-    if family.is_none() || !stream || !listening {
+    let Some(unix) = unix.filter(|_| stream && listening) else {
         bail!(
             "the socket passed by socket activation is not a listening unix stream socket; \
              the .socket unit needs ListenStream=/path"
         );
-    }
-    let path = getsockname::<UnixAddr>(LISTEN_FDS_START)
-        .ok()
-        .and_then(|a| a.path().map(PathBuf::from));
+    };
+    let path = unix.path().map(PathBuf::from);
     // Not for the processes ontop starts (mount helpers): they must not
     // hold the socket open past ontop.
     nix::fcntl::fcntl(

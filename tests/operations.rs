@@ -70,21 +70,28 @@ async fn a_socket_passed_for_another_process_is_ignored_and_a_wrong_one_is_refus
     common::terminate(child.id()).unwrap();
     assert!(child.wait().unwrap().success());
 
-    // Two sockets for ontop: refused with the reason, never a guess.
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("export LISTEN_PID=$$ LISTEN_FDS=2; exec \"$@\"")
-        .arg("sh")
-        .arg(BIN)
-        .args(["serve", "--root"])
-        .arg(dir.path().join("root"))
-        .arg("--address")
-        .arg(&socket)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Passed what ontop cannot serve on: refused with the reason, never a
+    // guess. `setup` runs in the shell that execs ontop with fd 3 a file.
+    let activated = |setup: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{setup}; export LISTEN_PID=$$; exec \"$0\" \"$@\" 3</dev/null"
+            ))
+            .arg(BIN)
+            .args(["serve", "--root"])
+            .arg(dir.path().join("root"))
+            .arg("--address")
+            .arg(&socket)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = activated("export LISTEN_FDS=2");
     assert!(err.contains("passed 2 sockets"), "{err}");
+    let err = activated("export LISTEN_FDS=1");
+    assert!(err.contains("not a listening unix stream socket"), "{err}");
 }
 
 /// What one load connection saw.
