@@ -12,9 +12,9 @@ install_build_deps
 # clients test installs Python's grpcio from PyPI into a venv; the parallel
 # unpack and bench tests pull from a local docker-registry fed by skopeo;
 # the operations suite runs systemd-socket-activate (systemd), and a real
-# Prometheus server and promtool (prometheus).
+# Prometheus server and promtool (prometheus); the syscall counts, strace.
 apt_install util-linux passwd e2fsprogs containerd runc busybox-static tar coreutils fuse-overlayfs fuse3 \
-  python3 python3-venv docker-registry skopeo systemd prometheus
+  python3 python3-venv docker-registry skopeo systemd prometheus strace
 require_overlayfs
 require_fuse
 ensure_containerd2

@@ -27,7 +27,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context as _};
 
@@ -49,10 +49,14 @@ pub struct Layout {
 /// among this process's threads (the pid covers other processes).
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
+/// The pid, read once: `std::process::id` is a syscall, and Prepare names
+/// a temporary directory on every call. ontop never forks without exec.
+static PID: OnceLock<u32> = OnceLock::new();
+
 fn unique_name(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}",
-        std::process::id(),
+        PID.get_or_init(std::process::id),
         UNIQUE.fetch_add(1, Ordering::Relaxed)
     )
 }
@@ -162,14 +166,20 @@ impl Layout {
 
     /// Creates the directory skeleton. The root is 0700, like containerd's
     /// own snapshotters: upper dirs hold container data.
-    pub fn create(&self) -> anyhow::Result<()> {
-        for dir in [
+    /// The root and its own directories: made at start-up, never moved or
+    /// removed while serving.
+    pub fn own_dirs(&self) -> [PathBuf; 5] {
+        [
             self.root.clone(),
             self.snapshots_dir(),
             self.tmp_dir(),
             self.trash_dir(),
             self.empty_dir(),
-        ] {
+        ]
+    }
+
+    pub fn create(&self) -> anyhow::Result<()> {
+        for dir in self.own_dirs() {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -270,18 +280,21 @@ impl Layout {
     /// Renames a new snapshot directory into place as `snapshots/<id>`.
     /// An existing directory there is an orphan (the id is fresh from the
     /// database, so nothing refers to it), left by a crash between rename
-    /// and commit; it goes to the trash first.
+    /// and commit; it goes to the trash first. The rename refuses to
+    /// replace, so the common case costs no lookup of the target.
     pub fn install(&self, mut dir: NewSnapshotDir, id: Id) -> io::Result<()> {
         let target = self.snapshot_dir(id);
-        if target.symlink_metadata().is_ok() {
-            self.discard_path(&target)?;
-        }
         let src = dir.path.take().expect("installed once");
-        if let Err(e) = fs::rename(&src, &target) {
-            dir.path = Some(src);
-            return Err(e);
+        let mut result = rename_noreplace(&src, &target);
+        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::AlreadyExists) {
+            result = self
+                .discard_path(&target, Pins::Unknown)
+                .and_then(|_| rename_noreplace(&src, &target));
         }
-        Ok(())
+        if result.is_err() {
+            dir.path = Some(src);
+        }
+        result
     }
 
     /// Removes `work/work/incompat/volatile`, which a volatile overlay
@@ -292,15 +305,20 @@ impl Layout {
 
     /// Moves `snapshots/<id>` to the trash. A missing directory is fine: it
     /// may already have been reclaimed.
-    pub fn discard(&self, id: Id) -> io::Result<Option<PathBuf>> {
-        self.discard_path(&self.snapshot_dir(id))
+    pub fn discard(&self, id: Id, pins: Pins) -> io::Result<Option<PathBuf>> {
+        self.discard_path(&self.snapshot_dir(id), pins)
     }
 
-    /// Unpins a base first: a pin is a mount, and the trash must hold
-    /// nothing but ontop's own files.
-    fn discard_path(&self, path: &Path) -> io::Result<Option<PathBuf>> {
+    /// Unpins a base first, where there may be one: a pin is a mount, and
+    /// the trash should hold nothing but ontop's own files. A pin missed
+    /// here (a failed unpin after the base was dropped) is still safe:
+    /// `remove_all` detaches every mount it meets rather than delete through
+    /// it.
+    fn discard_path(&self, path: &Path, pins: Pins) -> io::Result<Option<PathBuf>> {
         let _pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
-        pin::unpin(&path.join("base"))?;
+        if pins == Pins::Unknown {
+            pin::unpin(&path.join("base"))?;
+        }
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -330,7 +348,7 @@ impl Layout {
             if id.is_some_and(&known) {
                 continue;
             }
-            if let Some(p) = self.discard_path(&self.snapshots_dir().join(&name))? {
+            if let Some(p) = self.discard_path(&self.snapshots_dir().join(&name), Pins::Unknown)? {
                 trashed.push(p);
             }
         }
@@ -388,6 +406,28 @@ impl NewSnapshotDir {
         create_mount_point(&target)?;
         pin::pin(base, &target)
     }
+}
+
+/// What the caller of [`Layout::discard`] knows about base pins under the
+/// directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pins {
+    /// The snapshot never sat on a base: no unmount to try (one `umount2`
+    /// per Remove otherwise, each failing with ENOENT).
+    None,
+    /// It sits on a base, or nobody knows: detach whatever is there.
+    Unknown,
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    nix::fcntl::renameat2(
+        None,
+        from,
+        None,
+        to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(io::Error::from)
 }
 
 fn create_mount_point(path: &Path) -> io::Result<()> {
@@ -501,7 +541,7 @@ mod tests {
         assert!(pin::is_mount_point(&l.base_dir(1)).unwrap());
         assert!(l.base_dir(1).join("precious/file").exists());
 
-        let trashed = l.discard(1).unwrap().unwrap();
+        let trashed = l.discard(1, Pins::Unknown).unwrap().unwrap();
         assert!(!pin::is_mount_point(&trashed.join("base")).unwrap());
         remove_all(&trashed).unwrap();
         assert_host_kept(&host);
@@ -509,6 +549,41 @@ mod tests {
             l.pin_base(1, base.as_fd()).unwrap_err().kind(),
             io::ErrorKind::NotFound
         ));
+    }
+
+    #[test]
+    fn a_stray_pin_under_a_snapshot_discarded_as_unpinned_is_detached_not_deleted_through() {
+        let (d, l) = layout();
+        let host = host(&d);
+        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 1)
+            .unwrap();
+        l.pin_base(1, pin::open_dir(&host).unwrap().as_fd())
+            .unwrap();
+
+        let trashed = l.discard(1, Pins::None).unwrap().unwrap();
+        assert!(pin::is_mount_point(&trashed.join("base")).unwrap());
+        remove_all(&trashed).unwrap();
+        assert!(!trashed.exists());
+        assert_host_kept(&host);
+    }
+
+    #[test]
+    fn install_over_an_orphan_with_a_pin_detaches_the_pin_first() {
+        let (d, l) = layout();
+        let host = host(&d);
+        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 5)
+            .unwrap();
+        l.pin_base(5, pin::open_dir(&host).unwrap().as_fd())
+            .unwrap();
+        let fresh = l.new_snapshot_dir(Kind::View).unwrap();
+        l.install(fresh, 5).unwrap();
+        assert!(!l.work(5).exists(), "the new (view) directory is in place");
+        assert!(!l.base_dir(5).exists());
+        for t in l.temporaries().unwrap() {
+            assert!(!pin::is_mount_point(&t.join("base")).unwrap());
+            remove_all(&t).unwrap();
+        }
+        assert_host_kept(&host);
     }
 
     #[test]

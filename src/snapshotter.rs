@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
 use crate::idmap::IdMapping;
 use crate::labels;
-use crate::layout::{self, Layout};
+use crate::layout::{self, Layout, Pins};
 use crate::mounts::{self, Layers, Mount, OverlayOptions};
 use crate::snapshot::{Id, Kind, Labels, Snapshot, Timestamp, Usage};
 use crate::store::{NewSnapshot, Record, Store, Tx};
@@ -131,7 +131,7 @@ impl Snapshotter {
         }
         let store = Store::open(&layout.db_path())?;
         unpin_strays(&layout, &store)?;
-        let watch = match Watch::start(layout.root()) {
+        let watch = match Watch::start(layout.root(), &layout.own_dirs()) {
             Ok(watch) => {
                 tracing::info!(
                     "usage: tracking changes with fanotify; Usage of an unchanged snapshot does not walk"
@@ -305,7 +305,7 @@ impl Snapshotter {
                 // The transaction rolled back, so nothing refers to the
                 // directory we renamed into place: take it back out.
                 if let Some(id) = installed.get() {
-                    self.reclaim(id);
+                    self.reclaim(id, Pins::Unknown);
                 }
                 Err(e)
             }
@@ -454,7 +454,7 @@ impl Snapshotter {
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {
-        let id = self.store.write(|tx| {
+        let (id, pins) = self.store.write(|tx| {
             let rec = tx.require(key)?;
             if tx.has_children(rec.id)? {
                 return Err(Error::failed_precondition(format!(
@@ -462,7 +462,11 @@ impl Snapshotter {
                 )));
             }
             tx.delete(rec.id)?;
-            Ok(rec.id)
+            let pins = match rec.base {
+                Some(_) => Pins::Unknown,
+                None => Pins::None,
+            };
+            Ok((rec.id, pins))
         })?;
         if let Some(watch) = &self.watch {
             watch.forget(id);
@@ -471,7 +475,7 @@ impl Snapshotter {
             // The id is never reused, so the directory can go after commit.
             // A failure is not the client's: the key is gone, and Cleanup
             // reclaims whatever is left.
-            self.reclaim(id);
+            self.reclaim(id, pins);
         }
         Ok(())
     }
@@ -770,10 +774,10 @@ impl Snapshotter {
     }
 
     /// Deletes a snapshot directory the database no longer refers to.
-    fn reclaim(&self, id: Id) {
+    fn reclaim(&self, id: Id, pins: Pins) {
         let result = self
             .layout
-            .discard(id)
+            .discard(id, pins)
             .and_then(|p| p.map_or(Ok(()), |p| crate::removal::remove_all(&p)));
         if let Err(e) = result {
             tracing::warn!(id, error = %e, "could not remove snapshot directory; Cleanup will retry");

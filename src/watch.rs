@@ -24,7 +24,7 @@
 //! CAP_SYS_ADMIN in the initial user namespace. Elsewhere (rootless) there
 //! is no watch, and every Usage walks, as containerd's own overlayfs does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -60,6 +60,11 @@ struct Inner {
     /// `<root>/snapshots`, and `<root>`, as the kernel names them.
     snapshots: PathBuf,
     root: PathBuf,
+    /// Handles of ontop's own directories, which never move and are never
+    /// in an upper: the database's writes and every Prepare's and Remove's
+    /// renames are events in them, and placing each by path cost an
+    /// `open_by_handle_at` and a `readlink`.
+    still: HashSet<Vec<u8>>,
     state: Mutex<State>,
     stop: AtomicBool,
 }
@@ -75,13 +80,17 @@ struct State {
     answers: HashMap<Id, (Usage, u64, u64)>,
     /// Directory handles already placed: in a snapshot's upper, or not.
     placed: HashMap<Vec<u8>, Option<Id>>,
+    /// Directories under the root placed by path so far (for tests; the
+    /// rest of the filesystem is other processes').
+    lookups: u64,
     buf: Vec<u8>,
 }
 
 impl Watch {
     /// Starts watching the filesystem that holds `root`, or says why it
-    /// cannot (then Usage walks every time).
-    pub fn start(root: &Path) -> io::Result<Watch> {
+    /// cannot (then Usage walks every time). `still` are directories under
+    /// `root` that are never moved or removed while it runs.
+    pub fn start(root: &Path, still: &[PathBuf]) -> io::Result<Watch> {
         // With the name: without it, the kernel does not report the parent
         // of a file whose data changed (FAN_MODIFY), and sizes were missed.
         // The kernel merges repeated events on one name while they queue.
@@ -112,9 +121,11 @@ impl Watch {
             return Err(io::Error::last_os_error());
         }
         let mount: OwnedFd = std::fs::File::open(&snapshots)?.into();
+        let still = still.iter().filter_map(|d| handle_of(d)).collect();
         let inner = Arc::new(Inner {
             fanotify,
             mount,
+            still,
             root: snapshots.parent().unwrap_or(&snapshots).to_path_buf(),
             snapshots,
             state: Mutex::new(State::default()),
@@ -243,10 +254,16 @@ impl Inner {
     /// The snapshot whose upper dir holds the directory `handle` names:
     /// `Some(None)` for a directory elsewhere, `None` when it is gone.
     fn place(&self, state: &mut State, handle: &[u8]) -> Option<Option<Id>> {
+        if self.still.contains(handle) {
+            return Some(None);
+        }
         if let Some(placed) = state.placed.get(handle) {
             return Some(*placed);
         }
         let path = self.path_of(handle)?;
+        if path.starts_with(&self.root) {
+            state.lookups += 1;
+        }
         let id = path.strip_prefix(&self.snapshots).ok().and_then(|rest| {
             let mut parts = rest.components();
             let id = parts.next()?.as_os_str().to_str()?.parse::<Id>().ok()?;
@@ -288,6 +305,37 @@ impl Inner {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
     }
+}
+
+/// A directory's handle as fanotify reports it (`handle_type`, then the
+/// handle's bytes), or None if the filesystem cannot say. A handle that
+/// does not match fanotify's only costs the lookup it was meant to save.
+fn handle_of(dir: &Path) -> Option<Vec<u8>> {
+    const MAX_HANDLE_SZ: usize = 128;
+    let path = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // struct file_handle: handle_bytes, handle_type, f_handle[].
+    let mut raw = vec![0u8; 8 + MAX_HANDLE_SZ];
+    // AT_HANDLE_FID (Linux 6.5) asks for the kind fanotify reports; before
+    // it, the plain handle is the same on the filesystems that have both.
+    for flags in [libc::AT_HANDLE_FID, 0] {
+        raw[0..4].copy_from_slice(&(MAX_HANDLE_SZ as u32).to_ne_bytes());
+        let mut mount_id = 0;
+        // SAFETY: a C string, and a buffer as large as handle_bytes says.
+        let rc = unsafe {
+            libc::name_to_handle_at(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                raw.as_mut_ptr().cast(),
+                &mut mount_id,
+                flags,
+            )
+        };
+        if rc == 0 {
+            let bytes = u32::from_ne_bytes(raw[0..4].try_into().ok()?) as usize;
+            return raw.get(4..8 + bytes).map(<[u8]>::to_vec);
+        }
+    }
+    None
 }
 
 /// What one fanotify event says.
@@ -400,11 +448,38 @@ mod tests {
     }
 
     #[test]
+    fn changes_in_the_still_directories_are_placed_without_a_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snapshots, tmp) = (dir.path().join("snapshots"), dir.path().join("tmp"));
+        std::fs::create_dir_all(snapshots.join("7/fs")).unwrap();
+        std::fs::create_dir(&tmp).unwrap();
+        let still = [dir.path().to_path_buf(), snapshots.clone(), tmp.clone()];
+        let watch = Watch::start(dir.path(), &still)
+            .expect("fanotify needs CAP_SYS_ADMIN: the test suite runs as root");
+        assert_eq!(
+            watch.inner.still.len(),
+            3,
+            "a handle for each still directory"
+        );
+        let lookups = || watch.inner.drained().lookups;
+        let before = lookups();
+        // What a Prepare, a Commit and a Remove do in them.
+        std::fs::write(dir.path().join("metadata.db-wal"), "x").unwrap();
+        std::fs::create_dir(tmp.join("new-1")).unwrap();
+        std::fs::rename(tmp.join("new-1"), snapshots.join("8")).unwrap();
+        std::fs::rename(snapshots.join("8"), tmp.join("gone")).unwrap();
+        assert_eq!(lookups(), before);
+        // Anywhere else under the root is looked up: it may move into an upper.
+        std::fs::write(tmp.join("gone/f"), "x").unwrap();
+        assert_eq!(lookups(), before + 1);
+    }
+
+    #[test]
     fn an_unchanged_upper_is_not_walked_again_and_a_change_is_seen() {
         let dir = tempfile::tempdir().unwrap();
         let fs = dir.path().join("snapshots/7/fs");
         std::fs::create_dir_all(&fs).unwrap();
-        let watch = Watch::start(dir.path())
+        let watch = Watch::start(dir.path(), &[])
             .expect("fanotify needs CAP_SYS_ADMIN: the test suite runs as root");
         let walks = std::cell::Cell::new(0);
         let usage = || {
