@@ -9,11 +9,13 @@
 #      rescans every snapshot directory), ontop with its defaults;
 #   2. through containerd: its built-in overlayfs against ontop behind
 #      [proxy_plugins], in an isolated containerd, plus image import
-#      (unpack) and `ctr run` of the test image;
+#      (unpack) and `ctr run` of the small three-layer test image and of
+#      the seven-layer image of 10,000 files (`mkimage.sh ... many`);
 #   3. through containerd 2.x (ONTOP_CONTAINERD2_BIN, as scripts/test.sh
-#      finds it) with max_concurrent_unpacks = 4: the seven-layer image
-#      imported (sequential unpack) and pulled from a local registry
-#      (parallel unpack, ontop's `rebase`), overlayfs against ontop.
+#      finds it) with max_concurrent_unpacks = 4: the same two images
+#      imported (sequential unpack), and the seven-layer images (`deep`
+#      and `many`) pulled from a local registry (parallel unpack, ontop's
+#      `rebase`), overlayfs against ontop.
 #
 # Usage: bash scripts/bench.sh [--quick]
 # REFPROXY (default ../shared/tools/refproxy) is the refproxy binary.
@@ -65,11 +67,13 @@ start_isolated_containerd "$work/run" "$work/containerd" "$ontop" "$work/ontop.s
 through_containerd=()
 if [ ${#quick[@]} = 0 ]; then through_containerd=(--scales 10000 --creates 2000); fi
 image=$(bash scripts/mkimage.sh "$work/image.tar" docker.io/ontop/bench:latest)
+many=$(bash scripts/mkimage.sh "$work/many.tar" docker.io/ontop/many:latest many)
+images=(--image "$image=$work/image.tar" --image "$many=$work/many.tar")
+[ ${#quick[@]} = 0 ] && settle_filesystem
 "$ontop" bench "${quick[@]}" --json "$out/containerd.json" \
   --containerd "$work/run/containerd.sock" \
   --snapshotter overlayfs --snapshotter ontop \
-  "${through_containerd[@]}" \
-  --image "$image=$work/image.tar"
+  "${through_containerd[@]}" "${images[@]}"
 
 echo "== 3. through containerd 2.x: sequential and parallel unpack, overlayfs against ontop"
 [ -n "${ONTOP_CONTAINERD2_BIN:-}" ] || die "no containerd 2.x: set ONTOP_CONTAINERD2_BIN"
@@ -92,11 +96,14 @@ http:
 YAML
 docker-registry serve "$work/registry/config.yml" >"$work/registry.log" 2>&1 &
 registry_pid=$!
-deep=$(bash scripts/mkimage.sh "$work/deep.tar" docker.io/ontop/deep:latest deep)
+bash scripts/mkimage.sh "$work/deep.tar" docker.io/ontop/deep:latest deep >/dev/null
 for _ in $(seq 50); do curl -fs http://127.0.0.1:5099/v2/ >/dev/null && break; sleep 0.1; done
-skopeo --insecure-policy copy --dest-tls-verify=false "oci-archive:$work/deep.tar" \
-  docker://127.0.0.1:5099/ontop/deep:latest >/dev/null
+for name in deep many; do
+  skopeo --insecure-policy copy --dest-tls-verify=false "oci-archive:$work/$name.tar" \
+    "docker://127.0.0.1:5099/ontop/$name:latest" >/dev/null
+done
+[ ${#quick[@]} = 0 ] && settle_filesystem
 PATH="$ONTOP_CONTAINERD2_BIN:$PATH" "$ontop" bench "${quick[@]}" --json "$out/containerd2.json" \
   --containerd "$work/run2/containerd.sock" \
-  --snapshotter overlayfs --snapshotter ontop --only image \
-  --image "$deep=$work/deep.tar" --pull 127.0.0.1:5099/ontop/deep:latest
+  --snapshotter overlayfs --snapshotter ontop --only image "${images[@]}" \
+  --pull 127.0.0.1:5099/ontop/deep:latest --pull 127.0.0.1:5099/ontop/many:latest

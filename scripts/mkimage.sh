@@ -24,7 +24,15 @@
 # With "pause", only layer 1, and a command that sleeps: a sandbox
 # ("pause") image for CRI pods.
 #
-# Usage: mkimage.sh OUT.tar [IMAGE-NAME] [deep|pause]
+# With "many", four more layers of many small files, as an application's
+# dependencies come (10,000 files in 400 directories, 31 MiB):
+#
+#   layer 4  2,500 files of 0.1-6 KiB in 100 directories
+#   layer 5  2,500 more, and a fifth of layer 4's files rewritten
+#   layer 6  2,500 more, and a whiteout of 20 of layer 4's directories
+#   layer 7  2,500 more, in directories of their own
+#
+# Usage: mkimage.sh OUT.tar [IMAGE-NAME] [deep|pause|many]
 # The expected view from inside a container is in tests/containerd.rs.
 set -euo pipefail
 
@@ -128,6 +136,30 @@ if [ "$variant" = deep ]; then
   : > "$l7/bin/.wh.vi"
   chmod 0770 "$l7/tmp"
   chown 5:5 "$l7/tmp"
+  stack+=("$l4" "$l5" "$l6" "$l7")
+fi
+
+# N files of 0.1-6 KiB in 100 directories under DIR/PREFIX-*/.
+many_files() {
+  local dir=$1 prefix=$2 n=$3 i pad
+  for i in $(seq 0 99); do mkdir -p "$dir/$prefix-$i"; done
+  for i in $(seq 0 $((n - 1))); do
+    printf -v pad '%*s' $(( (i * 37) % 6000 + 100 )) ''
+    printf '%s %s\n' "$prefix $i" "$pad" > "$dir/$prefix-$((i % 100))/file-$i"
+  done
+}
+if [ "$variant" = many ]; then
+  l4=$work/l4 l5=$work/l5 l6=$work/l6 l7=$work/l7
+  many_files "$l4/usr/lib" a 2500
+  many_files "$l5/usr/lib" b 2500
+  for i in $(seq 0 99); do mkdir -p "$l5/usr/lib/a-$i"; done
+  for i in $(seq 0 5 2499); do
+    echo "rewritten in layer 5" > "$l5/usr/lib/a-$((i % 100))/file-$i"
+  done
+  many_files "$l6/usr/share" c 2500
+  mkdir -p "$l6/usr/lib"
+  for i in $(seq 80 99); do : > "$l6/usr/lib/.wh.a-$i"; done
+  many_files "$l7/opt/app" d 2500
   stack+=("$l4" "$l5" "$l6" "$l7")
 fi
 

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::containerd::{image_archive, Containerd, Generation, IMAGE};
+use common::containerd::{image_archive, pause_image_archive, Containerd, Generation, IMAGE};
 use common::{Daemon, BIN};
 
 /// Runs `ontop bench --quick ARGS --json FILE` and returns the JSON rows'
@@ -104,6 +104,11 @@ async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
     let registry = common::registry::Registry::start(&d.dir.path().join("registry"));
     let pulled = registry.push(image_archive(), "ontop/e2e:latest");
     let image = format!("{IMAGE}={}", image_archive().display());
+    // A second image: `--image` takes several, each with rows of its own.
+    let pause = format!(
+        "docker.io/ontop/pause:latest={}",
+        pause_image_archive().display()
+    );
     let socket = ctd.socket.display().to_string();
     let rows = bench(
         d.dir.path(),
@@ -120,6 +125,8 @@ async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
             "chain,lookups,image",
             "--image",
             &image,
+            "--image",
+            &pause,
             "--pull",
             &pulled,
         ],
@@ -128,9 +135,11 @@ async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
         for workload in [
             "chain: layer",
             "stat at",
-            "image: import",
-            "image: ctr run",
-            "image: pull",
+            "image e2e: import",
+            "image e2e: ctr run",
+            "image e2e: pull",
+            "image pause: import",
+            "image pause: ctr run",
         ] {
             assert!(
                 has(&rows, workload, target),

@@ -51,13 +51,14 @@ pub struct BenchArgs {
     creates: Option<usize>,
     /// An image archive to import and run with ctr through each
     /// --snapshotter target, as REF=TAR (REF is the name in the archive).
+    /// Repeatable
     #[arg(long, value_name = "REF=TAR")]
-    image: Option<String>,
-    /// The same image in a registry, pulled over plain http through each
+    image: Vec<String>,
+    /// An image in a registry, pulled over plain http through each
     /// --snapshotter target. On containerd 2.2+ with the transfer service's
-    /// max_concurrent_unpacks > 1, layers unpack in parallel.
+    /// max_concurrent_unpacks > 1, layers unpack in parallel. Repeatable
     #[arg(long, value_name = "REF")]
-    pull: Option<String>,
+    pull: Vec<String>,
 }
 
 impl BenchArgs {
@@ -103,19 +104,20 @@ impl BenchArgs {
                 }
                 sizes
             },
-            pull: self.pull,
+            pulls: self.pull,
             json: self.json,
             scratch: self.scratch,
             only: self.only,
-            image: match self.image {
-                None => None,
-                Some(arg) => {
+            images: self
+                .image
+                .iter()
+                .map(|arg| {
                     let (reference, tar) = arg
                         .split_once('=')
                         .with_context(|| format!("--image takes REF=TAR, got {arg:?}"))?;
-                    Some((reference.to_string(), PathBuf::from(tar)))
-                }
-            },
+                    Ok((reference.to_string(), PathBuf::from(tar)))
+                })
+                .collect::<anyhow::Result<_>>()?,
         })
     }
 }

@@ -102,14 +102,15 @@ pub struct Plan {
     pub scratch: Option<PathBuf>,
     /// Workload groups to run (see [`GROUPS`]); empty runs them all.
     pub only: Vec<String>,
-    /// An image archive, as `REF=TAR`, to import and run through each
-    /// containerd target with `ctr`.
-    pub image: Option<(String, PathBuf)>,
-    /// The same image in a registry (plain http), to pull through each
-    /// containerd target: containerd 2.2+ unpacks its layers in parallel
-    /// when its transfer service has `max_concurrent_unpacks > 1` and the
+    /// Image archives, as `REF=TAR`, to import and run through each
+    /// containerd target with `ctr`: a small one and one with many files
+    /// and layers tell per-call costs from per-file ones.
+    pub images: Vec<(String, PathBuf)>,
+    /// Images in a registry (plain http), to pull through each containerd
+    /// target: containerd 2.2+ unpacks their layers in parallel when its
+    /// transfer service has `max_concurrent_unpacks > 1` and the
     /// snapshotter declares `rebase`.
-    pub pull: Option<String>,
+    pub pulls: Vec<String>,
 }
 
 pub async fn run(plan: Plan) -> anyhow::Result<Vec<Row>> {
