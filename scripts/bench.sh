@@ -38,6 +38,7 @@ out=$PWD/target/bench
 mkdir -p "$out"
 
 echo "== 1. direct: refproxy against ontop"
+[ ${#quick[@]} = 0 ] && settle_filesystem
 "$ontop" bench "${quick[@]}" --json "$out/direct.json" \
   --serve "refproxy=$refproxy --async-remove --root {root} --address {address}" \
   --serve "ontop=$ontop serve --root {root} --address {address} --log-level warn"
