@@ -57,7 +57,7 @@ impl Sizes {
             lookups: 2_000,
             list_reps: 3,
             startup_reps: 3,
-            image_reps: 5,
+            image_reps: 9,
             usage_files: 100_000,
             usage_reps: 5,
             poll_snapshots: 50,
