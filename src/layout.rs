@@ -164,8 +164,6 @@ impl Layout {
         self.root.join("trash")
     }
 
-    /// Creates the directory skeleton. The root is 0700, like containerd's
-    /// own snapshotters: upper dirs hold container data.
     /// The root and its own directories: made at start-up, never moved or
     /// removed while serving.
     pub fn own_dirs(&self) -> [PathBuf; 5] {
@@ -178,6 +176,8 @@ impl Layout {
         ]
     }
 
+    /// Creates the directory skeleton. The root is 0700, like containerd's
+    /// own snapshotters: upper dirs hold container data.
     pub fn create(&self) -> anyhow::Result<()> {
         for dir in self.own_dirs() {
             fs::DirBuilder::new()
@@ -419,15 +419,25 @@ pub enum Pins {
     Unknown,
 }
 
+/// Renames, failing with AlreadyExists rather than replace `to`.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    nix::fcntl::renameat2(
-        None,
-        from,
-        None,
-        to,
-        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-    )
-    .map_err(io::Error::from)
+    let flags = nix::fcntl::RenameFlags::RENAME_NOREPLACE;
+    match nix::fcntl::renameat2(None, from, None, to, flags) {
+        // A filesystem without the flag (ZFS before 2.2, some FUSE ones):
+        // look first, as before. Only ontop renames into `snapshots/`, one
+        // id at a time, so nothing appears in between.
+        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
+            rename_looking_first(from, to)
+        }
+        other => other.map_err(io::Error::from),
+    }
+}
+
+fn rename_looking_first(from: &Path, to: &Path) -> io::Result<()> {
+    if to.symlink_metadata().is_ok() {
+        return Err(io::ErrorKind::AlreadyExists.into());
+    }
+    fs::rename(from, to)
 }
 
 fn create_mount_point(path: &Path) -> io::Result<()> {
@@ -584,6 +594,23 @@ mod tests {
             remove_all(&t).unwrap();
         }
         assert_host_kept(&host);
+    }
+
+    #[test]
+    fn both_renames_refuse_to_replace_and_otherwise_rename() {
+        let (_d, l) = layout();
+        for rename in [rename_noreplace, rename_looking_first] {
+            let (a, b) = (l.tmp_dir().join("a"), l.tmp_dir().join("b"));
+            fs::create_dir(&a).unwrap();
+            fs::create_dir_all(b.join("kept")).unwrap();
+            let refused = rename(&a, &b).unwrap_err();
+            assert_eq!(refused.kind(), io::ErrorKind::AlreadyExists);
+            assert!(a.exists() && b.join("kept").exists());
+            fs::remove_dir_all(&b).unwrap();
+            rename(&a, &b).unwrap();
+            assert!(!a.exists() && b.exists());
+            fs::remove_dir(&b).unwrap();
+        }
     }
 
     #[test]

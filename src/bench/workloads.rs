@@ -301,14 +301,14 @@ pub async fn run_all(
     for (reference, tar) in &images {
         let name = image_name(reference);
         let tar = tar.display().to_string();
-        for (_, ctr) in ctr_per_target(targets, &plan.namespace, "content-", 0) {
+        let ns = Namespaces::of(reference, Flow::Import, sizes.image_reps);
+        for (_, ctr) in ctr_per_target(targets, &plan.namespace, &ns.untimed, 0) {
             ctr.time(&["images", "import", "--no-unpack", &tar])?;
         }
         let mut unpack = vec![Series::default(); targets.len()];
         let mut start = unpack.clone();
-        for rep in 0..sizes.image_reps {
-            let prefix = format!("{name}-{rep}-");
-            for (i, ctr) in ctr_per_target(targets, &plan.namespace, &prefix, rep) {
+        for (rep, prefix) in ns.timed.iter().enumerate() {
+            for (i, ctr) in ctr_per_target(targets, &plan.namespace, prefix, rep) {
                 let snapshotter = ctr.snapshotter;
                 let d = ctr.time(&["images", "import", "--snapshotter", snapshotter, &tar])?;
                 unpack[i].add(d);
@@ -337,19 +337,30 @@ pub async fn run_all(
         );
     }
 
-    // 6b. Images pulled from a registry: fetch and unpack, which containerd
-    //     2.2+ can run in parallel (see `Plan::pulls`), where import unpacks
-    //     one layer after the other. Fetched once first, as above.
+    // 6b. Images pulled from a registry and unpacked, which containerd 2.2+
+    //     can do in parallel (see `Plan::pulls`), where import unpacks one
+    //     layer after the other. Pulled once first, untimed, into a
+    //     namespace that keeps the image (and so its blobs: `ctr content
+    //     fetch` keeps them only until the garbage collector runs), so each
+    //     timed pull finds the blobs and only unpacks, as above.
     let pulls: Vec<_> = plan.pulls.iter().filter(|_| wants("image")).collect();
     for reference in &pulls {
         let name = image_name(reference);
-        for (_, ctr) in ctr_per_target(targets, &plan.namespace, "content-", 0) {
-            ctr.time(&["content", "fetch", "--plain-http", reference])?;
+        let ns = Namespaces::of(reference, Flow::Pull, sizes.image_reps);
+        for (_, ctr) in ctr_per_target(targets, &plan.namespace, &ns.untimed, 0) {
+            let snapshotter = ctr.snapshotter;
+            ctr.time(&[
+                "images",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                snapshotter,
+                reference,
+            ])?;
         }
         let mut pull = vec![Series::default(); targets.len()];
-        for rep in 0..sizes.image_reps {
-            let prefix = format!("pull-{name}-{rep}-");
-            for (i, ctr) in ctr_per_target(targets, &plan.namespace, &prefix, rep) {
+        for (rep, prefix) in ns.timed.iter().enumerate() {
+            for (i, ctr) in ctr_per_target(targets, &plan.namespace, prefix, rep) {
                 let snapshotter = ctr.snapshotter;
                 let pulled = ctr.time(&[
                     "images",
@@ -363,7 +374,7 @@ pub async fn run_all(
             }
         }
         report(
-            &format!("image {name}: pull (fetch, unpack)"),
+            &format!("image {name}: pull (unpack)"),
             "ms",
             by_target(pull),
         );
@@ -371,25 +382,14 @@ pub async fn run_all(
 
     // The images go once all have run, synchronously, so that a containerd
     // the bench did not start keeps nothing of it.
-    for rep in 0..sizes.image_reps {
-        let namespaces = images
-            .iter()
-            .map(|(r, _)| (r, format!("{}-{rep}-", image_name(r))))
-            .chain(
-                pulls
-                    .iter()
-                    .map(|r| (*r, format!("pull-{}-{rep}-", image_name(r)))),
-            );
-        for (reference, prefix) in namespaces {
-            for (_, ctr) in ctr_per_target(targets, &plan.namespace, &prefix, 0) {
+    let made = (images.iter().map(|(r, _)| (r.as_str(), Flow::Import)))
+        .chain(pulls.iter().map(|r| (r.as_str(), Flow::Pull)));
+    for (reference, flow) in made {
+        let ns = Namespaces::of(reference, flow, sizes.image_reps);
+        for prefix in std::iter::once(&ns.untimed).chain(&ns.timed) {
+            for (_, ctr) in ctr_per_target(targets, &plan.namespace, prefix, 0) {
                 ctr.time(&["images", "rm", "--sync", reference])?;
             }
-        }
-    }
-    // `content fetch` made no image; import --no-unpack did.
-    for (_, ctr) in ctr_per_target(targets, &plan.namespace, "content-", 0) {
-        for (reference, _) in &images {
-            ctr.time(&["images", "rm", "--sync", reference])?;
         }
     }
 
@@ -432,6 +432,35 @@ pub async fn run_all(
     );
     report("teardown: cleanup", "ms", by_target(cleanup));
     Ok(rows)
+}
+
+#[derive(Clone, Copy)]
+enum Flow {
+    Import,
+    Pull,
+}
+
+/// The namespace prefixes of one image's flow (see `ctr_per_target`): the
+/// one it is ingested into once, untimed, and one per timed repetition.
+struct Namespaces {
+    untimed: String,
+    timed: Vec<String>,
+}
+
+impl Namespaces {
+    fn of(reference: &str, flow: Flow, reps: usize) -> Namespaces {
+        let name = image_name(reference);
+        let (untimed, each) = match flow {
+            Flow::Import => ("content-", ""),
+            Flow::Pull => ("pulled-", "pull-"),
+        };
+        Namespaces {
+            untimed: format!("{untimed}{name}-"),
+            timed: (0..reps)
+                .map(|rep| format!("{each}{name}-{rep}-"))
+                .collect(),
+        }
+    }
 }
 
 /// An image's name without registry, path or tag, for its rows:
