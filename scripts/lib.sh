@@ -40,7 +40,6 @@ require_fuse() {
   [ -c /dev/fuse ] || die "/dev/fuse is missing (modprobe fuse failed): the fuse-overlayfs backend cannot be tested"
 }
 
-# The major version of the containerd on PATH: 1 or 2.
 # Waits until no deletion is recent. On ext4 without a journal (this VM's
 # root), the inode allocator skips every inode deleted in the last minute
 # after writeback (ext4's recently_deleted), so files created just after
@@ -52,6 +51,7 @@ settle_filesystem() {
   sleep 65
 }
 
+# The major version of the containerd on PATH: 1 or 2.
 containerd_major() {
   containerd --version | awk '{print $3}' | sed 's/^v//; s/\..*//'
 }
