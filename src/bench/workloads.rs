@@ -340,37 +340,33 @@ pub async fn run_all(
     // 6b. Images pulled from a registry and unpacked, which containerd 2.2+
     //     can do in parallel (see `Plan::pulls`), where import unpacks one
     //     layer after the other. Pulled once first, untimed, into a
-    //     namespace that keeps the image (and so its blobs: `ctr content
-    //     fetch` keeps them only until the garbage collector runs), so each
-    //     timed pull finds the blobs and only unpacks, as above.
+    //     namespace that keeps the image and so its blobs (after `ctr
+    //     content fetch`, only ctr's lease would hold them, and it ends
+    //     with the command), so each timed pull finds the blobs and only
+    //     unpacks, as above.
     let pulls: Vec<_> = plan.pulls.iter().filter(|_| wants("image")).collect();
     for reference in &pulls {
         let name = image_name(reference);
         let ns = Namespaces::of(reference, Flow::Pull, sizes.image_reps);
-        for (_, ctr) in ctr_per_target(targets, &plan.namespace, &ns.untimed, 0) {
+        let pull_with = |ctr: &Ctr<'_>| {
             let snapshotter = ctr.snapshotter;
-            ctr.time(&[
+            let args = [
                 "images",
                 "pull",
                 "--plain-http",
                 "--snapshotter",
                 snapshotter,
                 reference,
-            ])?;
+            ];
+            ctr.time(&args)
+        };
+        for (_, ctr) in ctr_per_target(targets, &plan.namespace, &ns.untimed, 0) {
+            pull_with(&ctr)?;
         }
         let mut pull = vec![Series::default(); targets.len()];
         for (rep, prefix) in ns.timed.iter().enumerate() {
             for (i, ctr) in ctr_per_target(targets, &plan.namespace, prefix, rep) {
-                let snapshotter = ctr.snapshotter;
-                let pulled = ctr.time(&[
-                    "images",
-                    "pull",
-                    "--plain-http",
-                    "--snapshotter",
-                    snapshotter,
-                    reference,
-                ])?;
-                pull[i].add(pulled);
+                pull[i].add(pull_with(&ctr)?);
             }
         }
         report(
