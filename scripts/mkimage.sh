@@ -25,7 +25,7 @@
 # ("pause") image for CRI pods.
 #
 # With "many", four more layers of many small files, as an application's
-# dependencies come (10,000 files in 400 directories, 31 MiB):
+# dependencies come (10,000 files in 400 directories, about 30 MiB):
 #
 #   layer 4  2,500 files of 0.1-6 KiB in 100 directories
 #   layer 5  2,500 more, and a fifth of layer 4's files rewritten
