@@ -532,6 +532,14 @@ mod tests {
         host
     }
 
+    /// Installs active snapshot `id` with `host` pinned as its base.
+    fn pinned_snapshot(l: &Layout, id: Id, host: &Path) {
+        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), id)
+            .unwrap();
+        l.pin_base(id, pin::open_dir(host).unwrap().as_fd())
+            .unwrap();
+    }
+
     fn assert_host_kept(host: &Path) {
         assert_eq!(
             fs::read_to_string(host.join("precious/file")).unwrap(),
@@ -565,10 +573,7 @@ mod tests {
     fn a_stray_pin_under_a_snapshot_discarded_as_unpinned_is_detached_not_deleted_through() {
         let (d, l) = layout();
         let host = host(&d);
-        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 1)
-            .unwrap();
-        l.pin_base(1, pin::open_dir(&host).unwrap().as_fd())
-            .unwrap();
+        pinned_snapshot(&l, 1, &host);
 
         let trashed = l.discard(1, Pins::None).unwrap().unwrap();
         assert!(pin::is_mount_point(&trashed.join("base")).unwrap());
@@ -581,10 +586,7 @@ mod tests {
     fn install_over_an_orphan_with_a_pin_detaches_the_pin_first() {
         let (d, l) = layout();
         let host = host(&d);
-        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 5)
-            .unwrap();
-        l.pin_base(5, pin::open_dir(&host).unwrap().as_fd())
-            .unwrap();
+        pinned_snapshot(&l, 5, &host);
         let fresh = l.new_snapshot_dir(Kind::View).unwrap();
         l.install(fresh, 5).unwrap();
         assert!(!l.work(5).exists(), "the new (view) directory is in place");
