@@ -1,6 +1,7 @@
-//! Compiles containerd's Snapshots API (vendored from containerd v2.3.4
-//! in `proto/containerd/`, see its README) and ontop's own `ontop.v1`
-//! admin service, with the same tonic, so both share one server.
+//! Compiles containerd's Snapshots API and ontop's own `ontop.v1` admin
+//! service with the same tonic, so both share one server; and a client of
+//! CRI's `runtime.v1` API for the tests, which only they include (the
+//! daemon never links it). Where each proto comes from: proto/README.md.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -9,10 +10,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .compile_protos(
             &[
-                "proto/containerd/services/snapshots/v1/snapshots.proto",
+                "proto/containerd/github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto",
                 "proto/ontop/v1/admin.proto",
             ],
             &["proto/containerd", "proto"],
+        )?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_protos(
+            &["proto/cri/k8s.io/cri-api/pkg/apis/runtime/v1/api.proto"],
+            &["proto/cri"],
         )?;
     Ok(())
 }

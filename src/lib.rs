@@ -64,8 +64,9 @@ pub mod admin {
     }
 }
 
-/// containerd's Snapshots API, compiled from the protos of containerd
-/// v2.3.4 vendored in `proto/containerd/`.
+/// containerd's Snapshots API, compiled from the protos of Debian's
+/// containerd API package (2.1.9) in `proto/containerd/`, with the one
+/// field containerd 2.2 added (see proto/README.md).
 pub mod containerd_api {
     /// The modules nest as the proto packages do, because prost refers
     /// from one package to another by relative path.
