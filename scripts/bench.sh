@@ -11,11 +11,12 @@
 #      [proxy_plugins], in an isolated containerd, plus image import
 #      (unpack) and `ctr run` of the small three-layer test image and of
 #      the seven-layer image of 10,000 files (`mkimage.sh ... many`);
-#   3. through containerd 2.x (ONTOP_CONTAINERD2_BIN, as scripts/test.sh
-#      finds it) with max_concurrent_unpacks = 4: the same two images
-#      imported (sequential unpack), and the seven-layer images (`deep`
-#      and `many`) pulled from a local registry (parallel unpack, ontop's
-#      `rebase`), overlayfs against ontop.
+#   3. through containerd 2.x (Debian sid's 2.1, unpacked into
+#      target/containerd/2.1 as scripts/test.sh does, or the containerd in
+#      ONTOP_CONTAINERD_EXTRA_BIN) with max_concurrent_unpacks = 4: the
+#      same two images imported, and the seven-layer images (`deep` and
+#      `many`) pulled from a local registry (on 2.2+ a parallel unpack,
+#      with ontop's `rebase`), overlayfs against ontop.
 #
 # Usage: bash scripts/bench.sh [--quick]
 # REFPROXY (default ../shared/tools/refproxy) is the refproxy binary.
@@ -25,7 +26,8 @@ require_root
 install_build_deps
 apt_install containerd runc busybox-static tar coreutils docker-registry skopeo curl
 require_overlayfs
-ensure_containerd2
+fetch_debian_containerds
+ctd2=${ONTOP_CONTAINERD_EXTRA_BIN:-$PWD/target/containerd/2.1/usr/bin}
 
 quick=()
 [ "${1:-}" = --quick ] && quick=(--quick)
@@ -77,11 +79,10 @@ images=(--image "$image=$work/image.tar" --image "$many=$work/many.tar")
   "${through_containerd[@]}" "${images[@]}"
 
 echo "== 3. through containerd 2.x: sequential and parallel unpack, overlayfs against ontop"
-[ -n "${ONTOP_CONTAINERD2_BIN:-}" ] || die "no containerd 2.x: set ONTOP_CONTAINERD2_BIN"
 "$ontop" serve --root "$work/ontop2" --address "$work/ontop2.sock" --log-level warn \
   >"$work/ontop2.log" 2>&1 &
 ontop2_pid=$!
-PATH="$ONTOP_CONTAINERD2_BIN:$PATH" start_isolated_containerd "$work/run2" "$work/containerd2" \
+PATH="$ctd2:$PATH" start_isolated_containerd "$work/run2" "$work/containerd2" \
   "$ontop" "$work/ontop2.sock" "$work/containerd2.log" \
   $'[plugins."io.containerd.transfer.v1.local"]\n  max_concurrent_unpacks = 4'
 mkdir -p "$work/registry"
@@ -104,7 +105,7 @@ for name in deep many; do
     "docker://127.0.0.1:5099/ontop/$name:latest" >/dev/null
 done
 [ ${#quick[@]} = 0 ] && settle_filesystem
-PATH="$ONTOP_CONTAINERD2_BIN:$PATH" "$ontop" bench "${quick[@]}" --json "$out/containerd2.json" \
+PATH="$ctd2:$PATH" "$ontop" bench "${quick[@]}" --json "$out/containerd2.json" \
   --containerd "$work/run2/containerd.sock" \
   --snapshotter overlayfs --snapshotter ontop --only image "${images[@]}" \
   --pull 127.0.0.1:5099/ontop/deep:latest --pull 127.0.0.1:5099/ontop/many:latest

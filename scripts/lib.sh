@@ -98,61 +98,66 @@ TOML
   die "the isolated containerd did not start; see $log"
 }
 
-# containerd 2.x for the test suite, which runs every containerd test on
-# containerd 1.6 (Debian's) and 2.x. Sets ONTOP_CONTAINERD2_BIN, a
-# directory with containerd, ctr, containerd-shim-runc-v2 and crictl:
-#   1. as the caller set it;
-#   2. else ../shared/tools/containerd-2.3.4/bin beside the checkout;
-#   3. else the official containerd 2.3.4 and cri-tools v1.36.0 release
-#      archives, downloaded into target/, checked against the sha256 sums
-#      their releases publish.
-# When all fail it stays unset, and the 2.x tests fail saying why.
-CONTAINERD2_VERSION=2.3.4
-CRICTL_VERSION=v1.36.0
-ensure_containerd2() {
-  if [ -n "${ONTOP_CONTAINERD2_BIN:-}" ]; then
-    export ONTOP_CONTAINERD2_BIN
-    return 0
-  fi
-  local shared=../shared/tools/containerd-$CONTAINERD2_VERSION/bin
-  if [ -x "$shared/containerd" ]; then
-    ONTOP_CONTAINERD2_BIN=$(cd "$shared" && pwd)
-    export ONTOP_CONTAINERD2_BIN
-    return 0
-  fi
-  local dest=$PWD/target/containerd-$CONTAINERD2_VERSION
-  if [ ! -x "$dest/bin/crictl" ] && ! download_containerd2 "$dest"; then
-    echo "warning: no containerd $CONTAINERD2_VERSION: the containerd 2.x tests will fail;" \
-      "set ONTOP_CONTAINERD2_BIN to a directory holding its containerd, ctr," \
-      "containerd-shim-runc-v2 and crictl" >&2
-    return 0
-  fi
-  export ONTOP_CONTAINERD2_BIN=$dest/bin
+# The containerd generations the suite runs besides the installed 1.6:
+# each SERIES comes from the Debian SUITE that carries it, as an ordinary
+# package that is downloaded and unpacked, never installed.
+DEBIAN_CONTAINERDS=("1.7 trixie" "2.1 sid")
+
+# Unpacks every generation of DEBIAN_CONTAINERDS into
+# target/containerd/SERIES (its usr/bin holds containerd, ctr and the
+# shim; VERSION names the package), unless it is there already. apt runs
+# with a sources list, lists and cache of its own under target/apt, so the
+# system's apt configuration and its installed containerd stay as they
+# are. The archive is the one the machine's own apt sources name.
+fetch_debian_containerds() {
+  local entry series suite missing=()
+  for entry in "${DEBIAN_CONTAINERDS[@]}"; do
+    read -r series suite <<<"$entry"
+    [ -x "target/containerd/$series/usr/bin/containerd" ] || missing+=("$entry")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local apt=$PWD/target/apt uri
+  uri=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' | awk '$2 !~ /-/ {print $1; exit}')
+  [ -n "$uri" ] || die "the machine's apt sources name no Debian archive to take containerd from"
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/debs"
+  : >"$apt/sources.list"
+  for entry in "${missing[@]}"; do
+    read -r series suite <<<"$entry"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $suite main" >>"$apt/sources.list"
+  done
+  local opts=(-o "Dir::Etc::sourcelist=$apt/sources.list" -o Dir::Etc::sourceparts=- \
+    -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o APT::Get::List-Cleanup=0 \
+    -o APT::Sandbox::User=root)
+  apt-get "${opts[@]}" -qq update || die "apt-get update of ${missing[*]} from $uri failed"
+  for entry in "${missing[@]}"; do
+    read -r series suite <<<"$entry"
+    local version
+    # The newest of that series the suite carries; Debian revisions move.
+    version=$(apt-cache "${opts[@]}" madison containerd | awk -F' [|] ' -v s="$series." \
+      '$2 ~ "^" s {print $2; exit}' | tr -d ' ')
+    [ -n "$version" ] || die "Debian $suite carries no containerd $series any more" \
+      "(apt-cache madison containerd); update DEBIAN_CONTAINERDS in scripts/lib.sh"
+    (cd "$apt/debs" && apt-get "${opts[@]}" -qq download "containerd=$version") ||
+      die "downloading containerd $version from Debian $suite failed"
+    local dest=target/containerd/$series
+    rm -rf "$dest" && mkdir -p "$dest"
+    dpkg-deb -x "$apt/debs/containerd_${version/*:/}_$(dpkg --print-architecture).deb" "$dest"
+    echo "$version" >"$dest/VERSION"
+    echo "containerd $version from Debian $suite: $dest/usr/bin"
+  done
 }
 
-# Downloads and checks the release archives into DEST/bin.
-download_containerd2() {
-  local dest=$1 arch tmp
-  arch=$(dpkg --print-architecture)
-  apt_install curl ca-certificates
-  tmp=$(mktemp -d)
-  local ctd=containerd-${CONTAINERD2_VERSION#v}-linux-$arch.tar.gz
-  local cri=crictl-$CRICTL_VERSION-linux-$arch.tar.gz
-  local ctd_url=https://github.com/containerd/containerd/releases/download/v$CONTAINERD2_VERSION/$ctd
-  local cri_url=https://github.com/kubernetes-sigs/cri-tools/releases/download/$CRICTL_VERSION/$cri
-  echo "downloading containerd $CONTAINERD2_VERSION and crictl $CRICTL_VERSION"
-  if curl -fsSL --connect-timeout 30 --retry 2 -o "$tmp/$ctd" "$ctd_url" && curl -fsSL --connect-timeout 30 --retry 2 -o "$tmp/$ctd.sha256" "$ctd_url.sha256sum" &&
-    curl -fsSL --connect-timeout 30 --retry 2 -o "$tmp/$cri" "$cri_url" && curl -fsSL --connect-timeout 30 --retry 2 -o "$tmp/$cri.sha256" "$cri_url.sha256" &&
-    echo "$(awk '{print $1}' "$tmp/$ctd.sha256")  $tmp/$ctd" | sha256sum -c --quiet &&
-    echo "$(awk '{print $1}' "$tmp/$cri.sha256")  $tmp/$cri" | sha256sum -c --quiet; then
-    mkdir -p "$dest/bin"
-    tar -xzf "$tmp/$ctd" -C "$dest"
-    tar -xzf "$tmp/$cri" -C "$dest/bin"
-    rm -rf "$tmp"
-    return 0
+# Says which binaries each containerd of the suite runs, and with what.
+print_containerds() {
+  local dir
+  echo "containerd 1.6: $(command -v containerd) ($(containerd --version))"
+  for dir in target/containerd/*/; do
+    echo "containerd $(basename "$dir"): $PWD/${dir}usr/bin ($("${dir}usr/bin/containerd" --version 2>/dev/null))"
+  done
+  if [ -n "${ONTOP_CONTAINERD_EXTRA_BIN:-}" ]; then
+    echo "containerd extra (ONTOP_CONTAINERD_EXTRA_BIN): $ONTOP_CONTAINERD_EXTRA_BIN" \
+      "($("$ONTOP_CONTAINERD_EXTRA_BIN/containerd" --version 2>/dev/null))"
   fi
-  rm -rf "$tmp"
-  return 1
 }
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

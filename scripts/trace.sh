@@ -11,15 +11,17 @@
 #
 # Usage: bash scripts/trace.sh [REPS]      (default 10 repetitions)
 # REFPROXY (default ../shared/tools/refproxy) is the refproxy binary.
-# Runs on Debian's containerd 1.6, and on containerd 2.x when
-# ONTOP_CONTAINERD2_BIN is set (as scripts/test.sh finds it).
+# Runs on Debian's containerd 1.6, and on Debian sid's 2.1 (unpacked into
+# target/containerd/2.1 as scripts/test.sh does), or on the containerd in
+# ONTOP_CONTAINERD_EXTRA_BIN instead when that is set.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/oci.sh"
 require_root
 install_build_deps
 apt_install containerd runc busybox-static tar coreutils
 require_overlayfs
-ensure_containerd2
+fetch_debian_containerds
+ctd2=${ONTOP_CONTAINERD_EXTRA_BIN:-$PWD/target/containerd/2.1/usr/bin}
 reps=${1:-10}
 refproxy=$(realpath "${REFPROXY:-../shared/tools/refproxy}" 2>/dev/null) \
   || die "refproxy not found; set REFPROXY"
@@ -120,6 +122,4 @@ trace_generation() {
 }
 
 trace_generation containerd1 "$work/run1"
-if [ -n "${ONTOP_CONTAINERD2_BIN:-}" ]; then
-  PATH="$ONTOP_CONTAINERD2_BIN:$PATH" trace_generation containerd2 "$work/run2"
-fi
+PATH="$ctd2:$PATH" trace_generation containerd2 "$work/run2"

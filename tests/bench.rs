@@ -3,11 +3,12 @@
 //! overlayfs. Only completion and the report's shape are checked: timings
 //! belong to benchmark runs, not to tests on a noisy machine.
 
+#[macro_use]
 mod common;
 
 use std::process::Command;
 
-use common::containerd::{image_archive, pause_image_archive, Containerd, Generation, IMAGE};
+use common::containerd::{image_archive, pause_image_archive, Containerd, IMAGE};
 use common::{Daemon, BIN};
 
 /// Runs `ontop bench --quick ARGS --json FILE` and returns the JSON rows'
@@ -15,7 +16,7 @@ use common::{Daemon, BIN};
 fn bench(dir: &std::path::Path, args: &[&str]) -> Vec<(String, String)> {
     let json = dir.join("bench.json");
     let out = Command::new(BIN)
-        // The running test's containerd generation's ctr, for image runs.
+        // The running test's containerd release's ctr, for image runs.
         .env("PATH", common::containerd::path_env())
         .args(["bench", "--quick", "--scratch"])
         .arg(dir)
@@ -90,16 +91,16 @@ async fn quick_bench_runs_every_workload_against_a_daemon_it_starts() {
 
 async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
     let d = Daemon::start().await;
-    // containerd 2 pulls with parallel unpack; 1.6 ignores the section.
-    let ctd = match common::containerd::generation() {
-        Generation::Two => {
+    // containerd 2 pulls with parallel unpack; 1.x ignores the section.
+    let ctd = match common::containerd::release().major() {
+        1 => Containerd::start(&d).await,
+        _ => {
             Containerd::start_with(
                 &d,
                 "[plugins.\"io.containerd.transfer.v1.local\"]\n  max_concurrent_unpacks = 4\n",
             )
             .await
         }
-        Generation::One => Containerd::start(&d).await,
     };
     let registry = common::registry::Registry::start(&d.dir.path().join("registry"));
     let pulled = registry.push(image_archive(), "ontop/e2e:latest");
@@ -149,28 +150,4 @@ async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
     }
 }
 
-mod containerd1 {
-    use crate::common::containerd::{on_containerd, Generation};
-
-    #[tokio::test]
-    async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
-        on_containerd(
-            Generation::One,
-            super::quick_bench_runs_through_containerd_with_image_unpack_and_run(),
-        )
-        .await
-    }
-}
-
-mod containerd2 {
-    use crate::common::containerd::{on_containerd, Generation};
-
-    #[tokio::test]
-    async fn quick_bench_runs_through_containerd_with_image_unpack_and_run() {
-        on_containerd(
-            Generation::Two,
-            super::quick_bench_runs_through_containerd_with_image_unpack_and_run(),
-        )
-        .await
-    }
-}
+on_every_containerd!(kernel_only: quick_bench_runs_through_containerd_with_image_unpack_and_run);

@@ -1,45 +1,24 @@
-//! ontop on a Kubernetes node: containerd's CRI driven by crictl the way
-//! kubelet drives it, with ontop as CRI's default snapshotter (from
-//! `ontop containerd-config --cri`), images pulled from a real registry on
-//! 127.0.0.1, host-network pods (no CNI), on containerd 1.6 and 2.3.4 and
-//! both backends.
+//! ontop on a Kubernetes node: containerd's CRI driven the way kubelet
+//! drives it (by the suite's own CRI client, `common::cri`), with ontop as
+//! CRI's default snapshotter (from `ontop containerd-config --cri`),
+//! images pulled from a real registry on 127.0.0.1, host-network pods (no
+//! CNI), on every containerd release of the suite and both backends.
 
 #[macro_use]
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::containerd::{
-    image_archive, pause_image_archive, Containerd, Generation, ROOTFS_CHECK, ROOTFS_EXPECTED,
+    image_archive, pause_image_archive, Containerd, ROOTFS_CHECK, ROOTFS_EXPECTED,
 };
+use common::cri::{host_network_pod, sleeper, Cri};
 use common::registry::Registry;
 use common::Daemon;
-use serde_json::{json, Value};
 
 /// CRI's stats poll in these tests (`stats_collect_period`); kubelet's
 /// nodes use 10 s.
 const STATS_PERIOD: Duration = Duration::from_secs(1);
-
-fn parse(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-/// A protobuf JSON integer, which protojson writes as a string for 64 bits.
-fn int(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => s.parse().unwrap(),
-        other => other
-            .as_u64()
-            .unwrap_or_else(|| panic!("not an integer: {other}")),
-    }
-}
-
-fn write_json(dir: &Path, name: &str, value: Value) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, value.to_string()).unwrap();
-    path.display().to_string()
-}
 
 async fn kubelets_flow_runs_on_ontop_from_pull_to_garbage_collection() {
     let d = Daemon::start().await;
@@ -48,118 +27,91 @@ async fn kubelets_flow_runs_on_ontop_from_pull_to_garbage_collection() {
     let pause = registry.push(pause_image_archive(), "ontop/pause:latest");
     let ctd = Containerd::start_cri(&d, &registry.host, &pause).await;
     let k8s = |args: &[&str]| ctd.ctr_ok_in("k8s.io", args);
+    let mut cri = Cri::connect(&ctd.socket).await;
+    let dir = d.dir.path();
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let pod_config = host_network_pod("ontop-pod", &dir.join("logs"));
 
     // Pull, through ontop.
-    ctd.crictl_ok(&["pull", &image]);
-    let inspect = parse(&ctd.crictl_ok(&["inspecti", "-o", "json", &image]));
-    assert_eq!(inspect["status"]["repoTags"][0], json!(image));
+    let image_ref = cri.pull(&image, &pod_config).await;
+    let status = cri.image_status(&image).await.expect("the pulled image");
+    assert_eq!(status.repo_tags, vec![image.to_string()]);
+    assert_eq!(status.id, image_ref);
 
     // ImageFsInfo: ontop's root, with what ontop holds once CRI's next
     // poll has summed its snapshots' Usage.
-    let imagefs = || {
-        let info = parse(&ctd.crictl_ok(&["imagefsinfo", "-o", "json"]));
-        info["status"]["imageFilesystems"][0].clone()
+    let used = |fs: &common::cri::v1::FilesystemUsage| {
+        let bytes = fs.used_bytes.as_ref().map_or(0, |u| u.value);
+        let inodes = fs.inodes_used.as_ref().map_or(0, |u| u.value);
+        (bytes, inodes)
     };
     let polled = Instant::now();
-    let mut fs = imagefs();
-    while int(&fs["usedBytes"]["value"]) == 0 && polled.elapsed() < 3 * STATS_PERIOD {
+    let mut fs = cri.image_fs_info().await;
+    while fs.first().is_none_or(|f| used(f).0 == 0) && polled.elapsed() < 3 * STATS_PERIOD {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        fs = imagefs();
+        fs = cri.image_fs_info().await;
     }
-    let info = &fs;
-    let expected = match ctd.generation {
-        // containerd 2 reports `exports.root`.
-        Generation::Two => d.root.display().to_string(),
+    assert_eq!(fs.len(), 1, "one image filesystem: {fs:?}");
+    let info = &fs[0];
+    let expected = match ctd.release.major() {
         // containerd 1.x, the path under its root (linked to ontop's).
-        Generation::One => ctd
+        1 => ctd
             .dir
             .join("root/io.containerd.snapshotter.v1.ontop")
             .display()
             .to_string(),
+        // containerd 2 reports `exports.root`.
+        _ => d.root.display().to_string(),
     };
-    assert_eq!(fs["fsId"]["mountpoint"], json!(expected), "{info}");
-    let used = int(&fs["usedBytes"]["value"]);
-    let inodes = int(&fs["inodesUsed"]["value"]);
-    assert!(used >= 1 << 20, "busybox alone is over 1 MiB: {info}");
-    assert!(inodes > 100, "busybox and its applets: {info}");
+    let mountpoint = info.fs_id.as_ref().map(|id| id.mountpoint.clone());
+    assert_eq!(mountpoint, Some(expected), "{info:?}");
+    let (bytes, inodes) = used(info);
+    assert!(bytes >= 1 << 20, "busybox alone is over 1 MiB: {info:?}");
+    assert!(inodes > 100, "busybox and its applets: {info:?}");
 
-    // A host-network pod, and a container of the image in it.
-    let dir = d.dir.path();
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let pod_config = write_json(
-        dir,
-        "pod.json",
-        json!({
-            "metadata": {"name": "ontop-pod", "namespace": "default", "uid": "ontop-pod-uid", "attempt": 0},
-            "log_directory": dir.join("logs").display().to_string(),
-            "linux": {"security_context": {"namespace_options": {"network": 2}}}
-        }),
-    );
-    let container = |name: &str, readonly: bool| {
-        write_json(
-            dir,
-            &format!("{name}.json"),
-            json!({
-                "metadata": {"name": name},
-                "image": {"image": image},
-                "command": ["/bin/sleep", "2147483647"],
-                "log_path": format!("{name}.log"),
-                "linux": {"security_context": {"readonly_rootfs": readonly}}
-            }),
-        )
-    };
-    let pod = ctd.crictl_ok(&["runp", &pod_config]).trim().to_string();
-    let app = ctd
-        .crictl_ok(&["create", &pod, &container("app", false), &pod_config])
-        .trim()
-        .to_string();
-    ctd.crictl_ok(&["start", &app]);
-    let frozen = ctd
-        .crictl_ok(&["create", &pod, &container("frozen", true), &pod_config])
-        .trim()
-        .to_string();
-    ctd.crictl_ok(&["start", &frozen]);
+    // A host-network pod, and containers of the image in it.
+    let pod = cri.run_pod(&pod_config).await;
+    let app = cri
+        .create(&pod, sleeper("app", &image, false), &pod_config)
+        .await;
+    cri.start(&app).await;
+    let frozen = cri
+        .create(&pod, sleeper("frozen", &image, true), &pod_config)
+        .await;
+    cri.start(&frozen).await;
 
     // The container sees the image's tree: whiteout, opaque dir, modes,
     // owners and links.
-    let exec = |id: &str, script: &str| ctd.crictl(&["exec", "-s", id, "sh", "-c", script]);
-    let out = exec(&app, ROOTFS_CHECK);
-    // crictl ends exec's output with blank lines of its own.
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim_end(),
-        ROOTFS_EXPECTED.trim_end(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cri.exec(&app, ROOTFS_CHECK).await;
+    assert_eq!(out.stdout, ROOTFS_EXPECTED, "{out:?}");
+    assert_eq!(out.exit_code, 0, "{out:?}");
     // A read-only rootfs reads the same tree and takes no write.
-    let out = exec(&frozen, "cat /data/keep.txt");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "keep");
-    let out = exec(&frozen, "touch /nope");
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cri.exec(&frozen, "cat /data/keep.txt").await;
+    assert_eq!(out.stdout, "keep\n", "{out:?}");
+    let out = cri.exec(&frozen, "touch /nope").await;
+    assert_ne!(out.exit_code, 0, "{out:?}");
+    assert!(out.stderr.contains("Read-only file system"), "{out:?}");
 
     // Stats: the writable layer grows by what the container writes, as
     // CRI's poll (ontop's Usage) sees it within two periods.
-    let writable = || {
-        let stats = parse(&ctd.crictl_ok(&["stats", "-o", "json", "--id", &app]));
-        int(&stats["stats"][0]["writableLayer"]["usedBytes"]["value"])
+    let writable = |stats: common::cri::v1::ContainerStats| {
+        let layer = stats.writable_layer.expect("stats of the writable layer");
+        layer.used_bytes.map_or(0, |u| u.value)
     };
-    let before = writable();
+    let before = writable(cri.stats(&app).await);
     const WRITTEN: u64 = 8 << 20;
-    let out = exec(
-        &app,
-        "dd if=/dev/zero of=/grown bs=1048576 count=8 2>/dev/null && sync",
-    );
-    assert!(out.status.success());
+    let out = cri
+        .exec(
+            &app,
+            "dd if=/dev/zero of=/grown bs=1048576 count=8 2>/dev/null && sync",
+        )
+        .await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
     let written_at = Instant::now();
-    let mut after = writable();
+    let mut after = writable(cri.stats(&app).await);
     while after < before + WRITTEN && written_at.elapsed() < 2 * STATS_PERIOD + STATS_PERIOD / 2 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        after = writable();
+        after = writable(cri.stats(&app).await);
     }
     println!(
         "writable layer: {before} then {after} bytes, seen {:?} after the write",
@@ -189,15 +141,15 @@ async fn kubelets_flow_runs_on_ontop_from_pull_to_garbage_collection() {
 
     // Teardown as kubelet does it, then containerd's GC.
     for id in [&app, &frozen] {
-        ctd.crictl_ok(&["stop", id]);
-        ctd.crictl_ok(&["rm", id]);
+        cri.stop_and_remove(id).await;
     }
-    ctd.crictl_ok(&["stopp", &pod]);
-    ctd.crictl_ok(&["rmp", &pod]);
-    ctd.crictl_ok(&["rmi", &image]);
-    // The sandbox image too (on containerd 2 it is pinned, which crictl
+    cri.stop_and_remove_pod(&pod).await;
+    cri.remove_image(&image).await;
+    // The sandbox image too (on containerd 2 it is pinned, which CRI
     // removes all the same).
-    ctd.crictl_ok(&["rmi", &pause]);
+    cri.remove_image(&pause).await;
+    assert!(cri.image_status(&image).await.is_none());
+    assert!(cri.list_images().await.is_empty(), "CRI keeps no image");
     assert_eq!(k8s(&["images", "ls", "-q"]), "", "CRI keeps no image");
     ctd.after_gc(30, "GC to remove every snapshot of the node", || {
         k8s(&["snapshots", "--snapshotter", "ontop", "ls"])
@@ -207,8 +159,8 @@ async fn kubelets_flow_runs_on_ontop_from_pull_to_garbage_collection() {
             && d.snapshot_dirs().is_empty()
     })
     .await;
-    assert!(ctd.crictl_ok(&["pods", "-q"]).trim().is_empty());
-    assert!(ctd.crictl_ok(&["ps", "-a", "-q"]).trim().is_empty());
+    assert!(cri.pods().await.is_empty());
+    assert!(cri.containers().await.is_empty());
     d.assert_consistent();
 }
 

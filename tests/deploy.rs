@@ -5,13 +5,14 @@
 //! from a privileged container the way the DaemonSet runs it. No cluster
 //! runs here; the README says what that leaves untested.
 
+#[macro_use]
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::containerd::{on_containerd, Containerd, Generation};
+use common::containerd::Containerd;
 use common::{mount_all, stdout_of, unmount, Daemon, BIN};
 
 const VALIDATOR: &str = "kubernetes-validate==1.37.0";
@@ -113,7 +114,7 @@ fn the_manifests_are_valid_kubernetes_objects_and_the_config_is_ontops() {
 }
 
 /// The image archive `scripts/image.sh` makes, and its reference: built
-/// once per test process, since both containerd generations' variants run
+/// once per test process, since every containerd release's variant runs
 /// at once and must not read the archive while the other writes it.
 fn ontop_image() -> &'static (PathBuf, String) {
     static IMAGE: std::sync::OnceLock<(PathBuf, String)> = std::sync::OnceLock::new();
@@ -247,28 +248,4 @@ impl Drop for KillOnDrop<'_> {
     }
 }
 
-mod containerd1 {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_image_serves_the_nodes_socket_from_a_container() {
-        on_containerd(
-            Generation::One,
-            super::the_image_serves_the_nodes_socket_from_a_container(),
-        )
-        .await
-    }
-}
-
-mod containerd2 {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_image_serves_the_nodes_socket_from_a_container() {
-        on_containerd(
-            Generation::Two,
-            super::the_image_serves_the_nodes_socket_from_a_container(),
-        )
-        .await
-    }
-}
+on_every_containerd!(kernel_only: the_image_serves_the_nodes_socket_from_a_container);

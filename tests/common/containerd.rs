@@ -3,10 +3,12 @@
 //! it. It has its own root, state, sockets and config, so it runs beside
 //! any containerd already on the machine.
 //!
-//! Suites run each containerd test on both generations with
-//! `on_every_containerd!`: containerd 1.6 from Debian's packages, and
-//! containerd 2.x from the directory `ONTOP_CONTAINERD2_BIN` names
-//! (`scripts/test.sh` sets it).
+//! Suites run each containerd test on every release the suite carries with
+//! `on_every_containerd!`: containerd 1.6 installed from Debian 12, and 1.7
+//! and 2.1 from Debian's trixie and sid, unpacked into
+//! `target/containerd/<series>` by `scripts/test.sh`. A containerd of the
+//! user's own joins as `containerd_extra` when `ONTOP_CONTAINERD_EXTRA_BIN`
+//! names its directory.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -23,69 +25,142 @@ use super::Daemon;
 pub const NS: &str = "ontop-test";
 pub const IMAGE: &str = "docker.io/ontop/e2e:latest";
 
-/// A containerd generation.
+/// The variable naming a directory with a containerd of the user's own
+/// (containerd, ctr, containerd-shim-runc-v2), such as a release newer
+/// than Debian carries.
+pub const EXTRA_BIN: &str = "ONTOP_CONTAINERD_EXTRA_BIN";
+
+/// A containerd release the suite runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Generation {
-    /// containerd 1.6, Debian's.
-    One,
-    /// containerd 2.x, from `ONTOP_CONTAINERD2_BIN`.
-    Two,
+pub enum Release {
+    /// containerd 1.6, installed from Debian 12.
+    V1_6,
+    /// containerd 1.7, Debian trixie's, unpacked into target/containerd/1.7.
+    V1_7,
+    /// containerd 2.1, Debian sid's, unpacked into target/containerd/2.1.
+    V2_1,
+    /// The containerd in `ONTOP_CONTAINERD_EXTRA_BIN`.
+    Extra,
+}
+
+impl Release {
+    /// (major, minor): the series' for Debian's, and what `containerd
+    /// --version` says for the extra one.
+    pub fn version(self) -> (u32, u32) {
+        match self {
+            Release::V1_6 => (1, 6),
+            Release::V1_7 => (1, 7),
+            Release::V2_1 => (2, 1),
+            Release::Extra => {
+                static EXTRA: OnceLock<(u32, u32)> = OnceLock::new();
+                *EXTRA.get_or_init(|| parse_version(&containerd_version(&bin_dir_of(self))))
+            }
+        }
+    }
+
+    pub fn major(self) -> u32 {
+        self.version().0
+    }
+
+    /// Whether this containerd is `major.minor` or later.
+    pub fn at_least(self, major: u32, minor: u32) -> bool {
+        self.version() >= (major, minor)
+    }
+
+    /// A short name for directories: `1.6`, `extra`.
+    fn name(self) -> &'static str {
+        match self {
+            Release::V1_6 => "1.6",
+            Release::V1_7 => "1.7",
+            Release::V2_1 => "2.1",
+            Release::Extra => "extra",
+        }
+    }
+}
+
+/// The first `major.minor` in `containerd --version`'s output, such as
+/// `containerd github.com/containerd/containerd/v2 2.1.9+unknown`.
+fn parse_version(text: &str) -> (u32, u32) {
+    text.split_whitespace()
+        .filter_map(|word| {
+            let mut parts = word.trim_start_matches('v').split(['.', '~', '+', '-']);
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no version in `containerd --version`: {text}"))
+}
+
+/// `containerd --version` of the containerd in `dir`.
+pub fn containerd_version(dir: &Path) -> String {
+    let out = Command::new(dir.join("containerd"))
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("{}/containerd --version: {e}", dir.display()));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 tokio::task_local! {
-    static GENERATION: Generation;
+    static RELEASE: Release;
 }
 
-/// Runs `test` with containerds of generation `g`.
-pub async fn on_containerd<F: Future>(g: Generation, test: F) -> F::Output {
-    GENERATION.scope(g, test).await
+/// Runs `test` with containerds of release `r`.
+pub async fn on_containerd<F: Future>(r: Release, test: F) -> F::Output {
+    RELEASE.scope(r, test).await
 }
 
-/// The generation of the running test: 1 unless it runs under
+/// The release of the running test: 1.6 unless it runs under
 /// `on_every_containerd!`.
-pub fn generation() -> Generation {
-    GENERATION.try_with(|g| *g).unwrap_or(Generation::One)
+pub fn release() -> Release {
+    RELEASE.try_with(|r| *r).unwrap_or(Release::V1_6)
 }
 
-/// Where this generation's containerd, ctr and shim are. runc comes from
-/// Debian for both. Fails the test saying how to provide what is missing:
-/// these tests must run, never skip.
+/// Where this release's containerd, ctr and shim are. runc comes from
+/// Debian 12 for all. Fails the test saying how to provide what is
+/// missing: these tests must run, never skip.
 pub fn bin_dir() -> PathBuf {
-    let dir = match generation() {
-        Generation::One => {
-            let found = |tool: &str| {
-                std::env::var_os("PATH")
-                    .and_then(|p| std::env::split_paths(&p).find(|d| d.join(tool).is_file()))
-            };
-            for tool in ["runc", "busybox", "containerd-shim-runc-v2"] {
-                assert!(
-                    found(tool).is_some(),
-                    "{tool} is not installed: the containerd suite needs Debian's containerd, \
-                     runc and busybox-static (scripts/test.sh installs them)"
-                );
-            }
-            found("containerd").expect(
-                "containerd is not installed: the containerd suite needs Debian's containerd \
-                 (scripts/test.sh installs it)",
-            )
-        }
-        Generation::Two => {
-            let dir = containerd2_dir();
-            for tool in ["containerd", "ctr", "containerd-shim-runc-v2"] {
-                assert!(
-                    dir.join(tool).is_file(),
-                    "ONTOP_CONTAINERD2_BIN={} has no {tool}: it must hold containerd 2.x's \
-                     containerd, ctr and containerd-shim-runc-v2",
-                    dir.display()
-                );
-            }
-            dir
-        }
+    bin_dir_of(release())
+}
+
+fn bin_dir_of(release: Release) -> PathBuf {
+    let found = |tool: &str| {
+        std::env::var_os("PATH")
+            .and_then(|p| std::env::split_paths(&p).find(|d| d.join(tool).is_file()))
     };
+    for tool in ["runc", "busybox"] {
+        assert!(
+            found(tool).is_some(),
+            "{tool} is not installed: the containerd suite needs Debian's runc and \
+             busybox-static (scripts/test.sh installs them)"
+        );
+    }
+    let dir = match release {
+        Release::V1_6 => found("containerd").expect(
+            "containerd is not installed: the containerd suite needs Debian's containerd \
+             (scripts/test.sh installs it)",
+        ),
+        Release::V1_7 | Release::V2_1 => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/containerd")
+            .join(release.name())
+            .join("usr/bin"),
+        Release::Extra => std::env::var_os(EXTRA_BIN).map(PathBuf::from).expect(
+            "ONTOP_CONTAINERD_EXTRA_BIN is not set: the containerd_extra tests run a \
+             containerd of your own; set it to a directory holding its containerd, ctr and \
+             containerd-shim-runc-v2 (scripts/test.sh then runs them)",
+        ),
+    };
+    for tool in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+        assert!(
+            dir.join(tool).is_file(),
+            "{} has no {tool}: containerd {} is missing; scripts/test.sh unpacks Debian's \
+             packages there (or see {EXTRA_BIN})",
+            dir.display(),
+            release.name()
+        );
+    }
     std::fs::canonicalize(dir).unwrap()
 }
 
-/// PATH with this generation's binaries first, for containerd (which
+/// PATH with this release's binaries first, for containerd (which
 /// finds its shim there) and for `ontop containerd-config`.
 pub fn path_env() -> std::ffi::OsString {
     let mut dirs = vec![bin_dir()];
@@ -169,7 +244,7 @@ pub struct Containerd {
     pub socket: PathBuf,
     /// `ontop-test-<test dir>`: concurrent tests must not meet in runc.
     pub ns: String,
-    pub generation: Generation,
+    pub release: Release,
     ctr: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -182,10 +257,16 @@ impl Containerd {
         Containerd::start_with(ontop, "").await
     }
 
-    /// As `start`, with `extra` TOML (in this generation's config version)
+    /// As `start`, with `extra` TOML (in this release's config version)
     /// before the fragment `ontop containerd-config` prints.
     pub async fn start_with(ontop: &Daemon, extra: &str) -> Containerd {
-        Containerd::launch(ontop, None, extra).await
+        Containerd::launch(ontop, None, extra, "auto").await
+    }
+
+    /// As `start`, with ontop's fragment rendered for containerd
+    /// `version` instead of this one's.
+    pub async fn start_rendered_for(ontop: &Daemon, version: &str) -> Containerd {
+        Containerd::launch(ontop, None, "", version).await
     }
 
     /// containerd with CRI on and ontop its default snapshotter (the
@@ -197,27 +278,29 @@ impl Containerd {
             registry,
             sandbox_image,
         };
-        Containerd::launch(ontop, Some(&cri), "").await
+        Containerd::launch(ontop, Some(&cri), "", "auto").await
     }
 
-    async fn launch(ontop: &Daemon, cri: Option<&Cri<'_>>, extra: &str) -> Containerd {
-        let generation = generation();
+    async fn launch(
+        ontop: &Daemon,
+        cri: Option<&Cri<'_>>,
+        extra: &str,
+        version: &str,
+    ) -> Containerd {
+        let release = release();
         let bin = bin_dir();
-        let dir = ontop.dir.path().join(match generation {
-            Generation::One => "ctd",
-            Generation::Two => "ctd2",
-        });
+        let dir = ontop.dir.path().join(format!("ctd-{}", release.name()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("containerd.sock");
         let (cri_before, cri_after) = match cri {
-            Some(cri) => cri.config(generation, &dir, ontop),
+            Some(cri) => cri.config(release, &dir, ontop),
             None => Default::default(),
         };
         let flags: &[&str] = if cri.is_some() { &["--cri"] } else { &[] };
         let config = format!(
             "{}\n{extra}\n{cri_before}\n{}{cri_after}",
-            head(generation, &dir, cri.is_some()),
-            ontop.containerd_config(flags)
+            head(release, &dir, cri.is_some()),
+            ontop.containerd_config_for(version, flags)
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = dir.join("containerd.log");
@@ -234,7 +317,7 @@ impl Containerd {
             ns: format!("{NS}-{}", unique.trim_start_matches("ontop-test-")),
             dir,
             socket,
-            generation,
+            release,
             ctr: bin.join("ctr"),
             log,
             child: Some(child),
@@ -280,35 +363,13 @@ impl Containerd {
             .expect("running ctr")
     }
 
-    /// This generation's `ctr`, on this containerd, in namespace `ns`.
+    /// This release's `ctr`, on this containerd, in namespace `ns`.
     pub fn ctr_command(&self, ns: &str) -> Command {
         let mut cmd = Command::new(&self.ctr);
         cmd.arg("--address")
             .arg(&self.socket)
             .args(["--namespace", ns]);
         cmd
-    }
-
-    /// Runs crictl against this containerd's CRI, as kubelet talks to it.
-    pub fn crictl(&self, args: &[&str]) -> Output {
-        let endpoint = format!("unix://{}", self.socket.display());
-        Command::new(crictl())
-            .args([
-                "--runtime-endpoint",
-                &endpoint,
-                "--image-endpoint",
-                &endpoint,
-            ])
-            .args(["--timeout", "60s"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running crictl")
-    }
-
-    /// `crictl`, failing the test unless it succeeds; returns its stdout.
-    pub fn crictl_ok(&self, args: &[&str]) -> String {
-        self.stdout_of(&format!("crictl {args:?}"), self.crictl(args))
     }
 
     /// The stdout of a command that must have succeeded; the test fails
@@ -397,12 +458,13 @@ impl Drop for Containerd {
 /// What a test's containerd config holds besides ontop's fragment: its
 /// own paths, CRI off unless asked for, and a garbage collector that runs
 /// at once.
-fn head(generation: Generation, dir: &Path, cri: bool) -> String {
+fn head(release: Release, dir: &Path, cri: bool) -> String {
     let d = dir.display();
-    let (version, disabled) = match (generation, cri) {
-        (_, true) => (if generation == Generation::One { 2 } else { 3 }, ""),
-        (Generation::One, false) => (2, r#""io.containerd.grpc.v1.cri""#),
-        (Generation::Two, false) => (
+    let (version, disabled) = match (release.major(), cri) {
+        (1, true) => (2, ""),
+        (_, true) => (3, ""),
+        (1, false) => (2, r#""io.containerd.grpc.v1.cri""#),
+        (_, false) => (
             3,
             r#""io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime""#,
         ),
@@ -430,31 +492,6 @@ disabled_plugins = [{disabled}]
     )
 }
 
-/// crictl v1.36 (with containerd 2.x in `ONTOP_CONTAINERD2_BIN`), which
-/// speaks CRI v1 to containerd 1.6 as well.
-pub fn crictl() -> PathBuf {
-    let bin = containerd2_dir().join("crictl");
-    assert!(
-        bin.is_file(),
-        "{} is missing: the CRI tests need crictl beside containerd 2.x in \
-         ONTOP_CONTAINERD2_BIN (scripts/test.sh provides both)",
-        bin.display()
-    );
-    bin
-}
-
-/// `ONTOP_CONTAINERD2_BIN`, or the test fails saying how to set it.
-fn containerd2_dir() -> PathBuf {
-    std::env::var_os("ONTOP_CONTAINERD2_BIN")
-        .map(PathBuf::from)
-        .expect(
-            "ONTOP_CONTAINERD2_BIN is not set: the containerd 2.x tests need a directory \
-             holding containerd 2.x's containerd, ctr, containerd-shim-runc-v2 and crictl. \
-             scripts/test.sh sets it to ../shared/tools/containerd-2.3.4/bin, or downloads \
-             the official release into target/; set it yourself to use another",
-        )
-}
-
 /// What CRI needs to run pods here.
 struct Cri<'a> {
     registry: &'a str,
@@ -465,7 +502,7 @@ impl Cri<'_> {
     /// The CRI settings: TOML to put before ontop's fragment, and keys
     /// to put after it, which land in the fragment's last table, CRI's
     /// (see `containerd_config::render`).
-    fn config(&self, generation: Generation, dir: &Path, ontop: &Daemon) -> (String, String) {
+    fn config(&self, release: Release, dir: &Path, ontop: &Daemon) -> (String, String) {
         // The registry speaks plain http.
         let hosts = dir.join("certs.d").join(self.registry);
         std::fs::create_dir_all(&hosts).unwrap();
@@ -485,8 +522,8 @@ impl Cri<'_> {
             );
         }
         let (d, sandbox) = (dir.display(), self.sandbox_image);
-        match generation {
-            Generation::One => {
+        match release.major() {
+            1 => {
                 // CRI 1.x reports image-fs stats for
                 // <containerd root>/io.containerd.snapshotter.v1.<name>,
                 // where ontop's default root sits; here, a link to it.
@@ -509,7 +546,7 @@ impl Cri<'_> {
                     String::new(),
                 )
             }
-            Generation::Two => (
+            _ => (
                 format!(
                     r#"[plugins."io.containerd.cri.v1.runtime"]
   restrict_oom_score_adj = {restrict}

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod cri;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -71,28 +72,60 @@ macro_rules! on_every_backend {
     };
 }
 
-/// Runs each named `async fn` on both containerd generations and both
-/// backends, as `containerd1::overlayfs::NAME`,
-/// `containerd2::fuse_overlayfs::NAME` and so on.
+/// Runs each named `async fn` on every containerd release of the suite
+/// and both backends, as `containerd_1_6::overlayfs::NAME`,
+/// `containerd_2_1::fuse_overlayfs::NAME` and so on; with `kernel_only:`
+/// first, on the kernel backend only, as `containerd_1_7::NAME`. The
+/// `containerd_extra` tests run a containerd of the user's own
+/// (`ONTOP_CONTAINERD_EXTRA_BIN`); they are ignored unless asked for, as
+/// `scripts/test.sh` does when that variable is set.
 #[allow(unused_macros)]
 macro_rules! on_every_containerd {
-    ($($test:ident),+ $(,)?) => {
-        on_every_containerd!(@gen containerd1, One, $($test),+);
-        on_every_containerd!(@gen containerd2, Two, $($test),+);
+    (kernel_only: $($test:ident),+ $(,)?) => {
+        on_every_containerd!(@releases kernel, $($test),+);
     };
-    (@gen $module:ident, $generation:ident, $($test:ident),+) => {
+    ($($test:ident),+ $(,)?) => {
+        on_every_containerd!(@releases both, $($test),+);
+    };
+    // `#[cfg(all())]` is an attribute that changes nothing: the releases
+    // Debian carries run by default.
+    (@releases $backends:ident, $($test:ident),+) => {
+        on_every_containerd!(@release containerd_1_6, V1_6, #[cfg(all())], $backends, $($test),+);
+        on_every_containerd!(@release containerd_1_7, V1_7, #[cfg(all())], $backends, $($test),+);
+        on_every_containerd!(@release containerd_2_1, V2_1, #[cfg(all())], $backends, $($test),+);
+        on_every_containerd!(@release containerd_extra, Extra,
+            #[ignore = "needs ONTOP_CONTAINERD_EXTRA_BIN, a containerd of your own"],
+            $backends, $($test),+);
+    };
+    (@release $module:ident, $release:ident, #[$attr:meta], both, $($test:ident),+) => {
         mod $module {
-            on_every_containerd!(@backend overlayfs, Overlayfs, $generation, $($test),+);
-            on_every_containerd!(@backend fuse_overlayfs, FuseOverlayfs, $generation, $($test),+);
+            on_every_containerd!(@backend overlayfs, Overlayfs, $release, #[$attr], $($test),+);
+            on_every_containerd!(@backend fuse_overlayfs, FuseOverlayfs, $release, #[$attr], $($test),+);
         }
     };
-    (@backend $module:ident, $backend:ident, $generation:ident, $($test:ident),+) => {
+    (@release $module:ident, $release:ident, #[$attr:meta], kernel, $($test:ident),+) => {
         mod $module {
             $(
                 #[tokio::test]
+                #[$attr]
                 async fn $test() {
                     crate::common::containerd::on_containerd(
-                        crate::common::containerd::Generation::$generation,
+                        crate::common::containerd::Release::$release,
+                        super::$test(),
+                    )
+                    .await
+                }
+            )+
+        }
+    };
+    (@backend $module:ident, $backend:ident, $release:ident, #[$attr:meta], $($test:ident),+) => {
+        mod $module {
+            $(
+                #[tokio::test]
+                #[$attr]
+                async fn $test() {
+                    crate::common::containerd::on_containerd(
+                        crate::common::containerd::Release::$release,
                         crate::common::on_backend(
                             crate::common::Backend::$backend,
                             super::super::$test(),
@@ -625,9 +658,15 @@ impl Daemon {
     /// containerd generation, found as a user would (`auto`: the first
     /// `containerd` on PATH), with `flags` added.
     pub fn containerd_config(&self, flags: &[&str]) -> String {
+        self.containerd_config_for("auto", flags)
+    }
+
+    /// `containerd_config` rendered for containerd `version` (`1.7`,
+    /// `2.0`, or `auto`: the one on this test's PATH).
+    pub fn containerd_config_for(&self, version: &str, flags: &[&str]) -> String {
         stdout_of(
             Command::new(BIN)
-                .args(["containerd-config", "--containerd-version", "auto"])
+                .args(["containerd-config", "--containerd-version", version])
                 .arg("--config")
                 .arg(self.dir.path().join("config.toml"))
                 .arg("--address")
