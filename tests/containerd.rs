@@ -520,6 +520,21 @@ async fn user_namespaced_container(config: &str) {
         );
         return;
     }
+    if ctd.release == common::containerd::Release::V1_7
+        && common::backend() == Backend::FuseOverlayfs
+    {
+        // Known limitation, not understood yet (see the README's support
+        // matrix): under containerd 1.7 runc cannot create /proc in the
+        // fuse-overlayfs rootfs of a user-namespaced container, while 1.6
+        // and 2.1 run the same container. Asserted so a fix shows.
+        let out = ctd.ctr(&run);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("rootfs/proc: permission denied"),
+            "{err}"
+        );
+        return;
+    }
     if copies && common::backend() == Backend::FuseOverlayfs {
         // containerd chowns a copy of the image through a fuse-overlayfs
         // mount, where 1.10 copies a hard-linked file up under its other
