@@ -5,6 +5,9 @@
 //!
 //! - 1.x: `[proxy_plugins.NAME]` with `type` and `address`; CRI's
 //!   snapshotter under `[plugins."io.containerd.grpc.v1.cri".containerd]`.
+//!   1.7 also reads `capabilities`: its client copies and chowns the image
+//!   for a user-namespaced container unless `remap-ids` is declared, and
+//!   still sends the mapping labels, so fuse-overlayfs would map twice.
 //! - 2.x: the same entry also carries `capabilities` (containerd never asks
 //!   the plugin; it believes the config) and `exports.root`, which CRI
 //!   reports to kubelet as the image filesystem. Images unpack only into
@@ -93,11 +96,11 @@ pub struct Fragment<'a> {
     pub platform: &'a str,
 }
 
-/// The capabilities ontop has under `containerd`, as containerd 2.x names
-/// them. containerd 1.x has none.
+/// The capabilities ontop has under `containerd`, as containerd names
+/// them. containerd 1.6 has none; 1.7 knows `remap-ids`.
 pub fn capabilities(containerd: Version, remap_ids: bool) -> Vec<&'static str> {
     let mut caps = Vec::new();
-    if containerd.major >= 2 && remap_ids {
+    if containerd.at_least(1, 7) && remap_ids {
         caps.push("remap-ids");
     }
     // Parallel unpack: containerd 2.2 added it, with Commit's parent.
@@ -127,12 +130,14 @@ pub fn render(f: &Fragment<'_>) -> String {
         "  address = {}",
         string(&f.address.display().to_string())
     );
-    if v.major >= 2 {
-        let caps: Vec<String> = capabilities(v, f.remap_ids)
-            .into_iter()
-            .map(|c| format!("\"{c}\""))
-            .collect();
+    let caps: Vec<String> = capabilities(v, f.remap_ids)
+        .into_iter()
+        .map(|c| format!("\"{c}\""))
+        .collect();
+    if v.major >= 2 || !caps.is_empty() {
         let _ = writeln!(out, "  capabilities = [{}]", caps.join(", "));
+    }
+    if v.major >= 2 {
         let _ = writeln!(
             out,
             "  # CRI reports this to kubelet as the image filesystem.\n  exports = {{ root = {} }}",
@@ -253,7 +258,9 @@ mod tests {
     #[test]
     fn capabilities_follow_the_containerd_release() {
         let caps = |v: &str, remap| capabilities(Version::parse(v).unwrap(), remap);
-        assert!(caps("1.7", true).is_empty());
+        assert!(caps("1.6", true).is_empty());
+        assert_eq!(caps("1.7", true), ["remap-ids"]);
+        assert!(caps("1.7", false).is_empty());
         assert_eq!(caps("2.0", true), ["remap-ids"]);
         assert_eq!(caps("2.1", false), Vec::<&str>::new());
         assert_eq!(caps("2.2", true), ["remap-ids", "rebase"]);
@@ -276,6 +283,18 @@ mod tests {
   snapshotter = "ontop"
 "#
         );
+    }
+
+    #[test]
+    fn containerd_1_7_declares_remap_ids_so_its_client_does_not_copy_the_image() {
+        let out = fragment("1.7", false);
+        assert!(
+            out.contains(
+                "  address = \"/run/ontop/ontop.sock\"\n  capabilities = [\"remap-ids\"]\n"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("exports"), "{out}");
     }
 
     #[test]
