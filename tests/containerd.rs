@@ -544,7 +544,7 @@ async fn user_namespaced_container(config: &str) {
     if copies && common::backend() == Backend::FuseOverlayfs {
         // containerd chowns a copy of the image through a fuse-overlayfs
         // mount, where 1.10 copies a hard-linked file up under its other
-        // name (see the README): the walk then meets the image's second
+        // name (see docs/backends.md): the walk then meets the image's second
         // link already chowned. Why the fuse backend wants remap_ids.
         let out = ctd.ctr(&run);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -3,7 +3,7 @@
 //! installed), its config is one ontop accepts, and the container image
 //! (`scripts/image.sh`, Dockerfile's equivalent) serves a node's socket
 //! from a privileged container the way the DaemonSet runs it. No cluster
-//! runs here; the README says what that leaves untested.
+//! runs here; docs/kubernetes.md says what that leaves untested.
 
 #[macro_use]
 mod common;
