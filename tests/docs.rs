@@ -1,6 +1,7 @@
 //! The documentation holds together: every relative link in README.md,
 //! CONTRIBUTING.md and docs/ names a file that exists (and, with `#`, one
-//! of its headings), and the README stays short enough to read.
+//! of its headings), the README stays short enough to read, and every
+//! key of ontop's config file is documented where users look for it.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -100,4 +101,50 @@ fn the_readme_is_short() {
         size <= 15 * 1024,
         "README.md is {size} bytes; keep it at most 15 KB and move detail to docs/"
     );
+}
+
+/// The keys `config.toml` accepts: the fields of `FileConfig`.
+fn config_keys() -> Vec<String> {
+    let source = std::fs::read_to_string(root().join("src/config.rs")).unwrap();
+    let start = source
+        .find("pub struct FileConfig {")
+        .expect("FileConfig in src/config.rs");
+    let body = &source[start..start + source[start..].find("\n}").unwrap()];
+    let keys: Vec<String> = body
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub "))
+        .filter_map(|l| l.split_once(": Option<"))
+        .map(|(key, _)| key.to_string())
+        .collect();
+    assert!(keys.len() >= 10, "FileConfig's fields not found: {keys:?}");
+    keys
+}
+
+#[test]
+fn every_config_key_is_documented_and_in_the_example() {
+    let page = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
+    let example = std::fs::read_to_string(root().join("config.toml.example")).unwrap();
+    let example_keys: Vec<&str> = example
+        .lines()
+        .map(|l| l.trim_start_matches("# "))
+        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+        .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    let keys = config_keys();
+    for key in &keys {
+        assert!(
+            page.contains(&format!("`{key}`")),
+            "docs/configuration.md does not document `{key}`"
+        );
+        assert!(
+            example_keys.contains(&key.as_str()),
+            "config.toml.example does not show `{key}`"
+        );
+    }
+    for key in example_keys {
+        assert!(
+            keys.iter().any(|k| k == key),
+            "config.toml.example shows `{key}`, which ontop does not accept"
+        );
+    }
 }
