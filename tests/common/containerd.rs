@@ -522,7 +522,16 @@ impl Cri<'_> {
             );
         }
         let (d, sandbox) = (dir.display(), self.sandbox_image);
-        match release.major() {
+        // NRI (1.7+, on by default in 2.x) listens on one socket per
+        // machine, /var/run/nri/nri.sock, which the CRI tests of other
+        // releases running at the same time already hold: each containerd
+        // gets its own, or the second to start exits.
+        let nri = if release.at_least(1, 7) {
+            format!("[plugins.\"io.containerd.nri.v1.nri\"]\n  socket_path = \"{d}/nri.sock\"\n")
+        } else {
+            String::new()
+        };
+        let (before, after) = match release.major() {
             1 => {
                 // CRI 1.x reports image-fs stats for
                 // <containerd root>/io.containerd.snapshotter.v1.<name>,
@@ -558,7 +567,8 @@ impl Cri<'_> {
                 ),
                 "  stats_collect_period = 1\n".to_string(),
             ),
-        }
+        };
+        (nri + &before, after)
     }
 }
 
