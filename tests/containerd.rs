@@ -515,9 +515,7 @@ async fn user_namespaced_container(config: &str) {
          echo mine > /written; stat -c '%u:%g %n' /written",
     ];
     if ctd.release.major() == 1 && common::backend() == Backend::Overlayfs {
-        let out = ctd.ctr(&run);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{err}");
+        let err = ctd.ctr_err(&run);
         assert!(
             err.contains("needs containerd 2.0 or later") && err.contains("fuse-overlayfs"),
             "{err}"
@@ -533,12 +531,8 @@ async fn user_namespaced_container(config: &str) {
         // chowned copy a second time and the container's root may not
         // write its own rootfs. Why config.toml.example says to keep
         // remap_ids on under 1.x.
-        let out = ctd.ctr(&run);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("rootfs/proc: permission denied"),
-            "{err}"
-        );
+        let err = ctd.ctr_err(&run);
+        assert!(err.contains("rootfs/proc: permission denied"), "{err}");
         return;
     }
     if copies && common::backend() == Backend::FuseOverlayfs {
@@ -546,12 +540,8 @@ async fn user_namespaced_container(config: &str) {
         // mount, where 1.10 copies a hard-linked file up under its other
         // name (see docs/backends.md): the walk then meets the image's second
         // link already chowned. Why the fuse backend wants remap_ids.
-        let out = ctd.ctr(&run);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("cannot be mapped to a host ID"),
-            "{err}"
-        );
+        let err = ctd.ctr_err(&run);
+        assert!(err.contains("cannot be mapped to a host ID"), "{err}");
         return;
     }
     let out = ctd.ctr_ok(&run);

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{backend, require_program, require_root, BIN};
+use common::{backend, require_program, require_root, stdout_of, BIN};
 
 /// Where Debian's Go packages put their sources.
 const GOCODE: &str = "/usr/share/gocode";
@@ -35,20 +35,16 @@ fn suite_binary() -> &'static Path {
         let work = manifest.join("target/testsuite");
         let binary = work.join("ontop.test");
         let gopath = format!("{}:{GOCODE}", work.join("gopath").display());
-        let out = Command::new("go")
-            .args(["test", "-c", "-o"])
-            .arg(&binary)
-            .arg(".")
-            .current_dir(manifest.join("tests/testsuite"))
-            .env("GO111MODULE", "off")
-            .env("GOPATH", gopath)
-            .env("GOCACHE", work.join("gocache"))
-            .output()
-            .expect("running go");
-        assert!(
-            out.status.success(),
-            "building containerd's testsuite failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        stdout_of(
+            Command::new("go")
+                .args(["test", "-c", "-o"])
+                .arg(&binary)
+                .arg(".")
+                .current_dir(manifest.join("tests/testsuite"))
+                .env("GO111MODULE", "off")
+                .env("GOPATH", gopath)
+                .env("GOCACHE", work.join("gocache")),
+            "building containerd's testsuite (go test -c)",
         );
         binary
     })

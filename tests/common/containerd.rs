@@ -390,6 +390,14 @@ impl Containerd {
         self.ctr_ok_in(&self.ns, args)
     }
 
+    /// The stderr of a `ctr` that must have failed.
+    pub fn ctr_err(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "ctr {args:?} succeeded: {err}");
+        err
+    }
+
     /// `ctr_ok` in namespace `ns`.
     pub fn ctr_ok_in(&self, ns: &str, args: &[&str]) -> String {
         self.stdout_of(&format!("ctr {args:?}"), self.ctr_in(ns, args))
