@@ -38,16 +38,21 @@ async fn kubelets_flow_runs_on_ontop_from_pull_to_garbage_collection() {
     assert_eq!(status.repo_tags, vec![image.to_string()]);
     assert_eq!(status.id, image_ref);
 
-    // ImageFsInfo: ontop's root, with what ontop holds once CRI's next
-    // poll has summed its snapshots' Usage.
+    // ImageFsInfo: ontop's root, with what ontop holds once CRI's poll has
+    // summed its snapshots' Usage. A poll that ran mid-pull saw only part
+    // of the image, so wait for a sum that holds all of busybox.
     let used = |fs: &common::cri::v1::FilesystemUsage| {
         let bytes = fs.used_bytes.as_ref().map_or(0, |u| u.value);
         let inodes = fs.inodes_used.as_ref().map_or(0, |u| u.value);
         (bytes, inodes)
     };
+    let whole_image = |f: &common::cri::v1::FilesystemUsage| {
+        let (bytes, inodes) = used(f);
+        bytes >= 1 << 20 && inodes > 100
+    };
     let polled = Instant::now();
     let mut fs = cri.image_fs_info().await;
-    while fs.first().is_none_or(|f| used(f).0 == 0) && polled.elapsed() < 3 * STATS_PERIOD {
+    while !fs.first().is_some_and(whole_image) && polled.elapsed() < 3 * STATS_PERIOD {
         tokio::time::sleep(Duration::from_millis(100)).await;
         fs = cri.image_fs_info().await;
     }
