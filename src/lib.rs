@@ -21,23 +21,25 @@
 //!
 //! Shared by the daemon and the tools: [`config`], [`backend`] (the two
 //! ways mounts are made, checked at start-up), [`snapshot`] (the domain
-//! model). The command line's own: [`cli`], [`check`] (`ontop check`),
-//! [`containerd_config`] (`ontop containerd-config`), [`mod@bench`]; and
-//! [`client`] and [`mounter`], which talk to a snapshotter and mount what
-//! it returns the way containerd does, for the bench and the tests.
+//! model), and the compiled protos. The command line's own: [`cli`],
+//! [`check`] (`ontop check`), [`containerd_config`] (`ontop
+//! containerd-config`) and [`dial`] (a channel to a running daemon).
+//!
+//! The benchmark, the test client and the mounter live in the
+//! `ontop-tools` crate (`tools/`), so the daemon's binary carries none of
+//! them.
 //!
 //! Only what the binary and the tests use is public; the daemon's insides
 //! are `pub(crate)`, so the compiler reports what nothing uses.
 
 pub mod backend;
 pub mod base;
-pub mod bench;
 pub(crate) mod caller;
 pub mod check;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod containerd_config;
+pub mod dial;
 pub(crate) mod error;
 pub mod filter;
 pub(crate) mod grpc;
@@ -45,7 +47,6 @@ pub(crate) mod idmap;
 pub(crate) mod labels;
 pub(crate) mod layout;
 pub(crate) mod metrics;
-pub mod mounter;
 pub(crate) mod mounts;
 pub mod pin;
 pub(crate) mod removal;

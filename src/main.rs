@@ -1,16 +1,20 @@
 //! The `ontop` command: parses the command line and dispatches. `serve`
 //! runs the daemon; `ls`, `info`, `check` and `ping` ask a running one;
-//! the work of each lives in the library (`cli`, `bench`, `check`).
+//! the work of each lives in the library (`cli`, `check`). `bench` runs
+//! `ontop-bench`, which is built apart so this binary carries no bench.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use ontop::admin::v1::{admin_client::AdminClient, InfoRequest, ListRequest};
-use ontop::bench::BenchArgs;
 use ontop::cli::ContainerdConfigArgs;
 use ontop::config::{Config, LogFormat, Overrides};
+use ontop::containerd_api::snapshots::v1::{
+    snapshots_client::SnapshotsClient, StatSnapshotRequest,
+};
 
 #[derive(Parser)]
 #[command(
@@ -41,8 +45,14 @@ enum Command {
     /// Print the containerd config that wires this ontop in, for a
     /// containerd 1.x or 2.x.
     ContainerdConfig(ContainerdConfigArgs),
-    /// Benchmark snapshotters side by side through the Snapshots API.
-    Bench(BenchArgs),
+    /// Benchmark snapshotters side by side through the Snapshots API: runs
+    /// `ontop-bench` (beside this binary, or on PATH) with ARGS.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// `ontop-bench`'s arguments; `ontop bench --help` lists them.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Check the database against the disk: through a running daemon, or
     /// offline with --root when none runs. Exits 1 if problems remain.
     Check {
@@ -103,11 +113,7 @@ impl ClientArgs {
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
-    };
+    let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -115,7 +121,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, &matches)) {
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ontop: {e:#}");
@@ -124,18 +130,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::ContainerdConfig(args) => {
             print!("{}", args.render()?);
             Ok(())
         }
-        Command::Bench(args) => {
-            let sub = matches
-                .subcommand_matches("bench")
-                .expect("bench arguments");
-            ontop::bench::run(args.plan(sub)?).await.map(|_| ())
-        }
+        Command::Bench { args } => Err(exec_bench(args)),
         Command::Serve(args) => {
             let flags = Overrides {
                 backend: args.backend,
@@ -160,7 +161,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
                     .map(Into::into)
                     .collect(),
                 None => {
-                    let channel = ontop::client::connect(&client.address()?)
+                    let channel = ontop::dial::connect(&client.address()?)
                         .await
                         .context("no daemon answers; to check a root offline, pass --root")?;
                     AdminClient::new(channel)
@@ -176,9 +177,12 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
         Command::Ping(client) => {
             // Any answer from the service will do; NotFound is the cheap one.
             let address = client.address()?;
-            let channel = ontop::client::connect(&address).await?;
-            let mut api = ontop::client::Snapshots::new(channel, "ontop", Default::default());
-            match api.stat("ontop ping: no such snapshot").await {
+            let channel = ontop::dial::connect(&address).await?;
+            let asked = StatSnapshotRequest {
+                snapshotter: "ontop".into(),
+                key: "ontop ping: no such snapshot".into(),
+            };
+            match SnapshotsClient::new(channel).stat(asked).await {
                 Err(s) if s.code() == tonic::Code::NotFound => {}
                 Ok(_) => {}
                 Err(s) => anyhow::bail!("{} answered {s}", address.display()),
@@ -187,7 +191,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ls(client) => {
-            let channel = ontop::client::connect(&client.address()?).await?;
+            let channel = ontop::dial::connect(&client.address()?).await?;
             let list = AdminClient::new(channel)
                 .list(ListRequest {})
                 .await
@@ -197,7 +201,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Info { key, client } => {
-            let channel = ontop::client::connect(&client.address()?).await?;
+            let channel = ontop::dial::connect(&client.address()?).await?;
             let info = AdminClient::new(channel)
                 .info(InfoRequest { key: key.clone() })
                 .await
@@ -209,4 +213,21 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Replaces this process with `ontop-bench ARGS`: the one beside this
+/// binary (as cargo and the package install them), else the one on PATH.
+/// Returns only when neither could be run.
+fn exec_bench(args: Vec<OsString>) -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("ontop-bench")))
+        .filter(|p| p.is_file());
+    let program = beside.map_or_else(|| "ontop-bench".into(), OsString::from);
+    let err = std::process::Command::new(&program).args(args).exec();
+    anyhow::anyhow!(
+        "running {}: {err} (ontop-bench is built by `cargo build -p ontop-tools`)",
+        program.to_string_lossy()
+    )
 }

@@ -39,7 +39,7 @@ async fn it_starts_quickly_and_the_socket_is_0660_in_a_created_directory() {
         .arg(&socket)
         .spawn()
         .unwrap();
-    while ontop::client::connect(&socket).await.is_err() {
+    while ontop_tools::client::connect(&socket).await.is_err() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "no answer in 10s"
@@ -77,7 +77,7 @@ async fn a_client_that_never_hangs_up_cannot_block_a_stop() {
             .enable_all()
             .build()
             .unwrap();
-        let channel = rt.block_on(ontop::client::connect(&socket)).unwrap();
+        let channel = rt.block_on(ontop_tools::client::connect(&socket)).unwrap();
         let mut client = ontop::admin::v1::admin_client::AdminClient::new(channel);
         rt.block_on(client.list(ontop::admin::v1::ListRequest {}))
             .unwrap();
@@ -416,7 +416,7 @@ async fn a_daemon_whose_pins_containerd_cannot_see_warns() {
             .spawn()
             .unwrap();
         let started = Instant::now();
-        while ontop::client::connect(&socket).await.is_err() {
+        while ontop_tools::client::connect(&socket).await.is_err() {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "no answer in 10s"

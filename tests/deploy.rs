@@ -179,7 +179,7 @@ async fn the_image_serves_the_nodes_socket_from_a_container() {
 
     let socket = run.join("ontop.sock");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while ontop::client::connect(&socket).await.is_err() {
+    while ontop_tools::client::connect(&socket).await.is_err() {
         assert!(
             Instant::now() < deadline,
             "ontop in the container did not answer on {}",
@@ -202,8 +202,8 @@ async fn the_image_serves_the_nodes_socket_from_a_container() {
     assert!(probe.contains("ok: ontop answers"), "{probe}");
 
     // The host uses it: its snapshots live in the node's root.
-    let channel = ontop::client::connect(&socket).await.unwrap();
-    let mut api = ontop::client::Snapshots::new(channel, "ontop", Default::default());
+    let channel = ontop_tools::client::connect(&socket).await.unwrap();
+    let mut api = ontop_tools::client::Snapshots::new(channel, "ontop", Default::default());
     let mounts = api
         .prepare("from-the-host", "", Default::default())
         .await

@@ -212,7 +212,7 @@ impl tonic::codec::Decoder for Raw {
 #[tokio::test]
 async fn a_non_utf8_key_is_an_unparseable_request_and_changes_nothing() {
     let d = Daemon::start().await;
-    let channel = ontop::client::connect(&d.socket).await.unwrap();
+    let channel = ontop_tools::client::connect(&d.socket).await.unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     // PrepareSnapshotRequest { snapshotter: "ontop", key: [ff fe 41] }

@@ -342,7 +342,7 @@ async fn systemd_hears_ready_once_calls_are_answered_then_the_watchdog_then_stop
     let ready = tokio::task::block_in_place(|| manager.next());
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     // Ready means answering: the first call after it succeeds, no retry.
-    let channel = ontop::client::connect(&socket).await.unwrap();
+    let channel = ontop_tools::client::connect(&socket).await.unwrap();
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: SNAPSHOTS_SERVICE.into(),
@@ -380,7 +380,7 @@ async fn systemd_hears_ready_once_calls_are_answered_then_the_watchdog_then_stop
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_answers_serving_and_a_watcher_hears_not_serving_at_shutdown() {
     let mut d = Daemon::start().await;
-    let mut health = HealthClient::new(ontop::client::connect(&d.socket).await.unwrap());
+    let mut health = HealthClient::new(ontop_tools::client::connect(&d.socket).await.unwrap());
     for service in ["", SNAPSHOTS_SERVICE] {
         let status = health
             .check(HealthCheckRequest {

@@ -51,7 +51,7 @@ impl Cri {
     /// Connects to CRI on containerd's socket, and checks what kubelet
     /// checks first: the runtime answers Version with CRI v1.
     pub async fn connect(socket: &Path) -> Cri {
-        let channel = ontop::client::connect(socket)
+        let channel = ontop_tools::client::connect(socket)
             .await
             .unwrap_or_else(|e| panic!("connecting to CRI at {}: {e:#}", socket.display()));
         let mut cri = Cri {

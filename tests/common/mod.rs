@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use ontop::admin::v1::admin_client::AdminClient;
 pub use ontop::backend::Backend;
-use ontop::client::{Namespace, Snapshots};
 use ontop::containerd_api::snapshots::v1 as api;
 use ontop::containerd_api::types::Mount;
+use ontop_tools::client::{Namespace, Snapshots};
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ontop");
@@ -522,7 +522,7 @@ impl Daemon {
     /// socket accepts connections before ontop runs, so connecting alone
     /// proves nothing.
     async fn answers(&self) -> bool {
-        let Ok(channel) = ontop::client::connect(&self.socket).await else {
+        let Ok(channel) = ontop_tools::client::connect(&self.socket).await else {
             return false;
         };
         let mut admin = AdminClient::new(channel);
@@ -621,14 +621,14 @@ impl Daemon {
     }
 
     pub async fn client(&self) -> Client {
-        let channel = ontop::client::connect(&self.socket).await.unwrap();
+        let channel = ontop_tools::client::connect(&self.socket).await.unwrap();
         Client {
             api: Snapshots::new(channel, "ontop", Namespace::default()),
         }
     }
 
     pub async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(ontop::client::connect(&self.socket).await.unwrap())
+        AdminClient::new(ontop_tools::client::connect(&self.socket).await.unwrap())
     }
 
     /// A fresh directory to mount on.
@@ -782,7 +782,7 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
-/// The Snapshots API as tests call it: [`ontop::client::Snapshots`], with
+/// The Snapshots API as tests call it: [`ontop_tools::client::Snapshots`], with
 /// labels left out where a test has none, and answers shaped for asserts.
 #[derive(Clone)]
 pub struct Client {
@@ -916,11 +916,11 @@ pub fn code<T: std::fmt::Debug>(r: Rpc<T>) -> tonic::Code {
 }
 
 /// Performs mounts as containerd's mount package does (see
-/// `ontop::mounter`), failing the test with the reason.
+/// `ontop_tools::mounter`), failing the test with the reason.
 pub fn mount_all(mounts: &[Mount], target: &Path) {
-    ontop::mounter::mount_all(mounts, target).unwrap_or_else(|e| panic!("{e:#}"));
+    ontop_tools::mounter::mount_all(mounts, target).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 pub fn unmount(target: &Path) {
-    ontop::mounter::unmount(target).unwrap_or_else(|e| panic!("{e:#}"));
+    ontop_tools::mounter::unmount(target).unwrap_or_else(|e| panic!("{e:#}"));
 }

@@ -14,7 +14,7 @@ use std::process::Command;
 use anyhow::{bail, Context as _};
 use nix::mount::{MntFlags, MsFlags};
 
-use crate::containerd_api::types::Mount;
+use ontop::containerd_api::types::Mount;
 
 pub fn mount_all(mounts: &[Mount], target: &Path) -> anyhow::Result<()> {
     for m in mounts {

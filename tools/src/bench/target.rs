@@ -14,7 +14,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::client::{Namespace, Snapshots};
-use crate::containerd_api::types::Mount;
+use ontop::containerd_api::types::Mount;
 
 /// How one target was asked for on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]

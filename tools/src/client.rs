@@ -1,39 +1,20 @@
-//! A client of containerd's Snapshots API, for the CLI, the bench and the
-//! tests: a daemon's unix socket, and one method per RPC with the request
-//! plumbing done once. It talks to a proxy snapshotter directly, or to
+//! A client of containerd's Snapshots API, for the bench and the tests:
+//! one method per RPC, with the request plumbing done once. It talks to a proxy snapshotter directly, or to
 //! containerd's own Snapshots service, which routes on the snapshotter name
 //! and needs a namespace header.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use anyhow::Context as _;
-use tokio::net::UnixStream;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
-use crate::containerd_api::snapshots::v1::{self as api, snapshots_client::SnapshotsClient};
-use crate::containerd_api::types::Mount;
+use ontop::containerd_api::snapshots::v1::{self as api, snapshots_client::SnapshotsClient};
+use ontop::containerd_api::types::Mount;
 
-/// A gRPC channel over the unix socket at `path`.
-pub async fn connect(path: &Path) -> anyhow::Result<Channel> {
-    let path = path.to_path_buf();
-    let shown = path.display().to_string();
-    // The URI is required by tonic but unused: the connector dials the socket.
-    Endpoint::try_from("http://[::1]:1")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .with_context(|| format!("connecting to ontop at {shown}"))
-}
+pub use ontop::dial::connect;
 
 /// The `containerd-namespace` header containerd's own services require;
 /// none for a proxy snapshotter.
