@@ -7,16 +7,21 @@
 //! base must resolve, after symlinks and `..`, to a directory inside one of
 //! the configured `base_roots`, and never overlap ontop's own root. The
 //! directory it resolved to is then pinned (see [`crate::pin`]), so that
-//! what containerd mounts is what was checked.
+//! what containerd mounts is what was checked, and the pins a crash left
+//! behind are taken down at start-up.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
+
 use crate::error::{Error, Result};
+use crate::layout::Layout;
 use crate::pin::{self, OpenError};
-use crate::snapshot::Labels;
+use crate::snapshot::{Kind, Labels};
+use crate::store::{Record, Store};
 
 pub const BASE_LABEL: &str = "containerd.io/snapshot/ontop.base";
 pub const VOLATILE_LABEL: &str = "containerd.io/snapshot/ontop.volatile";
@@ -95,6 +100,18 @@ impl BasePolicy {
         open_resolved(base)
     }
 
+    /// Pins `base` for a mount of `rec`, reached as its path shows it now.
+    pub fn pin(&self, layout: &Layout, rec: &Record, base: &Path) -> Result<()> {
+        let dir = self.open(base)?;
+        match layout.pin_base(rec.id, dir.as_fd()) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::not_found(format!(
+                "snapshot {:?} does not exist",
+                rec.key
+            ))),
+            other => Ok(other.context("pinning the base directory")?),
+        }
+    }
+
     fn allows(&self, resolved: &Path) -> bool {
         self.allowed_roots.iter().any(|root| {
             root.canonicalize()
@@ -111,6 +128,39 @@ impl BasePolicy {
             .collect();
         roots.join(", ")
     }
+}
+
+/// Start-up repair: takes down the pins of snapshots with no mounts on a
+/// base, which a crash leaves between the transaction of a Commit (or of an
+/// Update that drops the base) and the unpin after it. A pin of a snapshot
+/// the database does not know goes with its directory, at Cleanup.
+pub fn unpin_strays(layout: &Layout, store: &Store) -> anyhow::Result<()> {
+    for id in layout.pinned().context("listing base pins")? {
+        let stray = store.read(|tx| {
+            Ok(tx
+                .record_by_id(id)?
+                .is_some_and(|r| r.kind == Kind::Committed || r.base.is_none()))
+        })?;
+        if stray {
+            layout
+                .unpin_base(id)
+                .with_context(|| format!("unpinning snapshot {id}, which mounts no base"))?;
+            tracing::info!(id, "unpinned a base left by a crash");
+        }
+    }
+    // Commit unpins a based snapshot's base and then removes its mount
+    // point: a crash between the two leaves an empty directory, which no
+    // mount table shows. Only committed snapshots on a base can have one.
+    let committed_on_bases = store.read(|tx| tx.committed_on_bases())?;
+    for id in committed_on_bases {
+        if std::fs::symlink_metadata(layout.base_dir(id)).is_ok() {
+            layout
+                .unpin_base(id)
+                .with_context(|| format!("removing the base mount point of snapshot {id}"))?;
+            tracing::info!(id, "removed a base mount point left by a crash");
+        }
+    }
+    Ok(())
 }
 
 /// Opens a resolved base (a canonical path) without following a symlink,

@@ -13,6 +13,8 @@
 //! the lower layers read-only, and leaves the upper as it is, so the
 //! upper's root belongs to the host ids of the container's root.
 
+use crate::backend::Backend;
+use crate::caller::Caller;
 use crate::error::{Error, Result};
 use crate::snapshot::Labels;
 
@@ -101,6 +103,60 @@ impl IdMapping {
             .into_iter()
             .chain(option("gidmapping", &self.gids))
             .collect()
+    }
+}
+
+/// Who maps ids for a snapshot, given the backend and `remap_ids`.
+#[derive(Debug, Clone, Copy)]
+pub struct IdMapPolicy {
+    pub backend: Backend,
+    pub remap_ids: bool,
+}
+
+impl IdMapPolicy {
+    /// Who applies the id mapping a snapshot's labels ask for, as the
+    /// mapping ontop puts in its mounts (empty: nobody, or containerd).
+    ///
+    /// With `remap_ids` (containerd 2.x's `remap-ids` capability), ontop
+    /// maps: fuse-overlayfs on the fly, the kernel backend through
+    /// containerd 2's idmapped mounts. Without it, containerd 2.x has
+    /// already copied the image into a snapshot it chowned, and the labels
+    /// only say who owns the new root. containerd 1.x has no capabilities:
+    /// its labels always mean "map", which only fuse-overlayfs can do for
+    /// it, since it cannot idmap-mount.
+    pub fn apply(&self, asked: &IdMapping, caller: Caller) -> Result<IdMapping> {
+        if asked.is_empty() {
+            return Ok(IdMapping::default());
+        }
+        let containerd1 = || caller.is_containerd_1();
+        match self.backend {
+            Backend::FuseOverlayfs if self.remap_ids || containerd1() => Ok(asked.clone()),
+            Backend::FuseOverlayfs => Ok(IdMapping::default()),
+            Backend::Overlayfs if containerd1() => Err(Error::failed_precondition(format!(
+                "user-namespace id mapping ({}, {}) on the kernel backend needs containerd \
+                 2.0 or later, which idmap-mounts the layers; containerd 1.x cannot. Use \
+                 backend fuse-overlayfs, which maps ids itself, or containerd 2",
+                UID_LABEL, GID_LABEL,
+            ))),
+            Backend::Overlayfs if !self.remap_ids => Ok(IdMapping::default()),
+            Backend::Overlayfs if asked.uids.is_empty() || asked.gids.is_empty() => {
+                Err(Error::invalid_argument(format!(
+                    "the kernel backend maps ids only with both {} and {}: containerd \
+                     idmap-mounts only when it has both",
+                    UID_LABEL, GID_LABEL,
+                )))
+            }
+            Backend::Overlayfs => {
+                asked.root()?;
+                Ok(asked.clone())
+            }
+        }
+    }
+
+    /// Whether `idmap` is applied on the fly by the mount itself, so the
+    /// files keep the container's ids on disk.
+    pub fn maps_itself(&self, idmap: &IdMapping) -> bool {
+        self.backend == Backend::FuseOverlayfs && !idmap.is_empty()
     }
 }
 

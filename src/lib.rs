@@ -1,23 +1,27 @@
 //! ontop: a containerd snapshotter served as a proxy plugin.
 //!
-//! The daemon, from the socket inwards:
+//! The daemon, from the socket inwards (docs/design.md lists every module
+//! in the order they stand, each using only those below it):
 //! - [`server`] binds the socket (or takes systemd's), serves the gRPC
-//!   services and the metrics endpoint, and shuts down gracefully;
+//!   services and, through `exporter`, the metrics endpoint, and shuts
+//!   down gracefully;
 //! - `grpc` translates containerd's Snapshots API and ontop's admin API;
 //! - `snapshotter` holds the contract's rules and orders transactions
 //!   against filesystem steps;
+//! - its policies: [`base`] (which host bases are allowed, pinning them,
+//!   the pins a crash left) and `idmap` (who maps a user namespace's ids);
 //! - `store` owns the SQLite schema and every query, and the group commit;
-//! - `layout` owns the directories under the root; [`pin`] holds host
-//!   bases with bind mounts; [`base`] decides which bases are allowed;
-//!   `removal` deletes trees there without crossing a mount;
+//! - `layout` owns the directories under the root; [`pin`] binds host
+//!   bases read-only; `removal` deletes trees there without crossing a
+//!   mount;
 //! - `mounts` (mount specs) and [`filter`] (containerd's filter language)
-//!   are pure; `labels` and `idmap` check and parse what labels ask for;
+//!   are pure; `labels` checks and merges labels;
 //! - [`usage`] counts a tree's disk usage; `watch` tells which upper dirs
 //!   changed, so Usage walks only those;
 //! - `caller` tells a containerd 1.x caller from the rest;
 //! - `error` is the one mapping of errors to gRPC codes;
-//! - `metrics` counts for Prometheus; `systemd` speaks socket activation
-//!   and sd_notify.
+//! - `metrics` counts for Prometheus, a leaf that reads the core through
+//!   its `State` trait; `systemd` speaks socket activation and sd_notify.
 //!
 //! Shared by the daemon and the tools: [`config`], [`backend`] (the two
 //! ways mounts are made, checked at start-up), [`snapshot`] (the domain
@@ -41,6 +45,7 @@ pub mod config;
 pub mod containerd_config;
 pub mod dial;
 pub(crate) mod error;
+pub(crate) mod exporter;
 pub mod filter;
 pub(crate) mod grpc;
 pub(crate) mod idmap;

@@ -1,5 +1,6 @@
-//! Prometheus metrics: what ontop counts, and the `/metrics` endpoint
-//! that serves them in the text exposition format.
+//! Prometheus metrics: what ontop counts, rendered in the text exposition
+//! format. A leaf: the store, the usage walk and the core call in; the
+//! endpoint that serves the text is `exporter`'s.
 //!
 //! The recorder is process-wide (the `metrics` crate's global): there is
 //! one daemon per process, and the places that count (the group commit in
@@ -9,17 +10,14 @@
 //! (snapshots by kind, database size, pins, process RSS) is read at
 //! scrape time.
 
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::config::MetricsAddress;
-use crate::snapshotter::Snapshotter;
 
 /// The recorder's handle, once [`install`] ran: before that (and when no
 /// metrics address is set) the `metrics` macros record nothing.
@@ -215,24 +213,37 @@ pub fn enabled() -> bool {
     HANDLE.get().is_some()
 }
 
+/// What a scrape reads from the daemon rather than counts as it goes. The
+/// snapshotter implements it, so this module needs nothing above it.
+pub trait State: Send + Sync {
+    /// How many snapshots there are of each kind, by the kind's name.
+    fn snapshots_by_kind(&self) -> anyhow::Result<Vec<(&'static str, i64)>>;
+    /// The SQLite database's file (its WAL sits beside it).
+    fn database_path(&self) -> PathBuf;
+    /// How many host bases are pinned, when that could be read.
+    fn pinned_bases(&self) -> Option<usize>;
+    /// The backend's name, for `ontop_build_info`.
+    fn backend_name(&self) -> &'static str;
+}
+
 /// Reads what is cheaper to read than to count.
-fn refresh(core: &Snapshotter) {
-    match core.counts_by_kind() {
+fn refresh(state: &dyn State) {
+    match state.snapshots_by_kind() {
         Ok(counts) => {
             for (kind, n) in counts {
-                gauge!("ontop_snapshots", "kind" => kind.as_str()).set(n as f64);
+                gauge!("ontop_snapshots", "kind" => kind).set(n as f64);
             }
         }
         Err(e) => tracing::warn!(error = %e, "metrics: could not count snapshots"),
     }
-    let db = core.layout().db_path();
+    let db = state.database_path();
     let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len()) as f64;
     gauge!("ontop_database_size_bytes").set(size(&db));
     let mut wal = db.into_os_string();
     wal.push("-wal");
     gauge!("ontop_database_wal_size_bytes").set(size(wal.as_ref()));
-    if let Ok(pins) = core.layout().pinned() {
-        gauge!("ontop_pinned_bases").set(pins.len() as f64);
+    if let Some(pins) = state.pinned_bases() {
+        gauge!("ontop_pinned_bases").set(pins as f64);
     }
     let process = ProcessStats::read();
     gauge!("process_resident_memory_bytes").set(process.rss_bytes as f64);
@@ -241,17 +252,17 @@ fn refresh(core: &Snapshotter) {
     gauge!(
         "ontop_build_info",
         "version" => env!("CARGO_PKG_VERSION"),
-        "backend" => core.backend().as_str()
+        "backend" => state.backend_name()
     )
     .set(1.0);
 }
 
 /// The text exposition of every metric, in Prometheus's text format.
-pub fn render(core: &Snapshotter) -> String {
+pub fn render(state: &dyn State) -> String {
     let Some(handle) = HANDLE.get() else {
         return String::new();
     };
-    refresh(core);
+    refresh(state);
     handle.run_upkeep();
     handle.render()
 }
@@ -324,123 +335,6 @@ fn start_time() -> Option<f64> {
         .parse()
         .ok()?;
     Some(boot + ticks / hz)
-}
-
-/// Serves `/metrics` on `address` until `shutdown` resolves. Each scrape
-/// reads the database on the blocking pool, like any other call.
-pub async fn serve(
-    address: &MetricsAddress,
-    core: Arc<Snapshotter>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = match address {
-        MetricsAddress::Tcp(a) => Listener::Tcp(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding the metrics address {a}"))?,
-        ),
-        MetricsAddress::Unix(p) => {
-            if std::fs::symlink_metadata(p).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(p);
-            }
-            Listener::Unix(
-                tokio::net::UnixListener::bind(p)
-                    .with_context(|| format!("binding the metrics socket {}", p.display()))?,
-            )
-        }
-    };
-    tracing::info!(address = %address, "serving Prometheus metrics at /metrics");
-    Ok(tokio::spawn(async move {
-        tokio::pin!(shutdown);
-        loop {
-            let io = tokio::select! {
-                _ = &mut shutdown => return,
-                io = listener.accept() => io,
-            };
-            match io {
-                Ok(io) => {
-                    let core = Arc::clone(&core);
-                    tokio::spawn(serve_connection(io, core));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }))
-}
-
-enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
-type Io = Box<dyn AsyncStream>;
-trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncStream for T {}
-
-impl Listener {
-    async fn accept(&self) -> std::io::Result<Io> {
-        Ok(match self {
-            Listener::Tcp(l) => Box::new(l.accept().await?.0),
-            Listener::Unix(l) => Box::new(l.accept().await?.0),
-        })
-    }
-}
-
-async fn serve_connection(io: Io, core: Arc<Snapshotter>) {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
-    use hyper::{Method, Response, StatusCode};
-
-    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let core = Arc::clone(&core);
-        async move {
-            let reply = |status: StatusCode, content_type: &str, body: String| {
-                Response::builder()
-                    .status(status)
-                    .header("content-type", content_type)
-                    .body(Full::new(Bytes::from(body)))
-            };
-            if req.uri().path() != "/metrics" {
-                return reply(
-                    StatusCode::NOT_FOUND,
-                    "text/plain",
-                    "ontop serves /metrics only\n".into(),
-                );
-            }
-            if req.method() != Method::GET && req.method() != Method::HEAD {
-                return reply(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "text/plain",
-                    "GET /metrics\n".into(),
-                );
-            }
-            match tokio::task::spawn_blocking(move || render(&core)).await {
-                Ok(text) => reply(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    text,
-                ),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("rendering metrics failed: {e}\n"),
-                ),
-            }
-        }
-    });
-    let io = hyper_util::rt::TokioIo::new(io);
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(io, service)
-        .await
-    {
-        tracing::debug!(error = %e, "metrics connection ended with an error");
-    }
 }
 
 #[cfg(test)]

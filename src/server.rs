@@ -160,7 +160,8 @@ pub async fn serve_on(
     let metrics = match &config.metrics_address {
         Some(address) => {
             crate::metrics::install()?;
-            Some(crate::metrics::serve(address, Arc::clone(&core), stopped()).await?)
+            let state: Arc<dyn crate::metrics::State> = Arc::clone(&core) as _;
+            Some(crate::exporter::serve(address, state, stopped()).await?)
         }
         None => None,
     };

@@ -22,7 +22,7 @@ use crate::base::{self, BasePolicy, BASE_LABEL};
 use crate::caller::Caller;
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
-use crate::idmap::IdMapping;
+use crate::idmap::{IdMapPolicy, IdMapping};
 use crate::labels;
 use crate::layout::{self, Layout, Pins};
 use crate::mounts::{self, Layers, Mount, OverlayOptions};
@@ -104,7 +104,7 @@ pub struct Snapshotter {
     store: Store,
     overlay: OverlayOptions,
     async_remove: bool,
-    remap_ids: bool,
+    idmaps: IdMapPolicy,
     bases: BasePolicy,
     /// Which uppers changed, so Usage walks only those; none where
     /// fanotify is not allowed (see `crate::watch`).
@@ -130,7 +130,7 @@ impl Snapshotter {
             backends::check_fuse(&layout.tmp_dir())?;
         }
         let store = Store::open(&layout.db_path())?;
-        unpin_strays(&layout, &store)?;
+        base::unpin_strays(&layout, &store)?;
         let watch = match Watch::start(layout.root(), &layout.own_dirs()) {
             Ok(watch) => {
                 tracing::info!(
@@ -150,9 +150,12 @@ impl Snapshotter {
             },
             layout,
             store,
+            idmaps: IdMapPolicy {
+                backend: opts.overlay.backend,
+                remap_ids: opts.remap_ids,
+            },
             overlay: opts.overlay,
             async_remove: opts.async_remove,
-            remap_ids: opts.remap_ids,
             watch,
             _lock: lock,
         })
@@ -167,10 +170,6 @@ impl Snapshotter {
     /// SQLite's `quick_check` of the whole database.
     pub fn check_database(&self) -> anyhow::Result<()> {
         self.store.quick_check()
-    }
-
-    pub fn layout(&self) -> &Layout {
-        &self.layout
     }
 
     pub fn backend(&self) -> Backend {
@@ -213,10 +212,10 @@ impl Snapshotter {
         require_key("key", key)?;
         let mut labels = labels::validate(labels)?;
         let mut asks = MountAsks::of(&labels)?;
-        let idmap = self.idmap(&asks.mapping, caller)?;
+        let idmap = self.idmaps.apply(&asks.mapping, caller)?;
         // The upper's root belongs to the container's root, unless
         // fuse-overlayfs maps it on the fly (see `crate::idmap`).
-        let mapped_root = match (asks.mapping.is_empty(), self.maps_itself(&idmap)) {
+        let mapped_root = match (asks.mapping.is_empty(), self.idmaps.maps_itself(&idmap)) {
             (false, false) => Some(asks.mapping.root()?),
             _ => None,
         };
@@ -349,11 +348,11 @@ impl Snapshotter {
             ancestors,
             asks,
         } = plan;
-        let idmap = self.idmap(&asks.mapping, caller)?;
+        let idmap = self.idmaps.apply(&asks.mapping, caller)?;
         if let Some(b) = &rec.base {
             // Every time: after a reboot the pin is gone, and the host may
             // have put a new directory at the base's path.
-            self.pin_base(&rec, b)?;
+            self.bases.pin(&self.layout, &rec, b)?;
         }
         let writable_overlay =
             rec.kind == Kind::Active && (rec.base.is_some() || !ancestors.is_empty());
@@ -685,53 +684,6 @@ impl Snapshotter {
         Ok(all)
     }
 
-    /// Who applies the id mapping a snapshot's labels ask for, as the
-    /// mapping ontop puts in its mounts (empty: nobody, or containerd).
-    ///
-    /// With `remap_ids` (containerd 2.x's `remap-ids` capability), ontop
-    /// maps: fuse-overlayfs on the fly, the kernel backend through
-    /// containerd 2's idmapped mounts. Without it, containerd 2.x has
-    /// already copied the image into a snapshot it chowned, and the labels
-    /// only say who owns the new root. containerd 1.x has no capabilities:
-    /// its labels always mean "map", which only fuse-overlayfs can do for
-    /// it, since it cannot idmap-mount.
-    fn idmap(&self, asked: &IdMapping, caller: Caller) -> Result<IdMapping> {
-        if asked.is_empty() {
-            return Ok(IdMapping::default());
-        }
-        let containerd1 = || caller.is_containerd_1();
-        match self.overlay.backend {
-            Backend::FuseOverlayfs if self.remap_ids || containerd1() => Ok(asked.clone()),
-            Backend::FuseOverlayfs => Ok(IdMapping::default()),
-            Backend::Overlayfs if containerd1() => Err(Error::failed_precondition(format!(
-                "user-namespace id mapping ({}, {}) on the kernel backend needs containerd \
-                 2.0 or later, which idmap-mounts the layers; containerd 1.x cannot. Use \
-                 backend fuse-overlayfs, which maps ids itself, or containerd 2",
-                crate::idmap::UID_LABEL,
-                crate::idmap::GID_LABEL,
-            ))),
-            Backend::Overlayfs if !self.remap_ids => Ok(IdMapping::default()),
-            Backend::Overlayfs if asked.uids.is_empty() || asked.gids.is_empty() => {
-                Err(Error::invalid_argument(format!(
-                    "the kernel backend maps ids only with both {} and {}: containerd \
-                     idmap-mounts only when it has both",
-                    crate::idmap::UID_LABEL,
-                    crate::idmap::GID_LABEL,
-                )))
-            }
-            Backend::Overlayfs => {
-                asked.root()?;
-                Ok(asked.clone())
-            }
-        }
-    }
-
-    /// Whether `idmap` is applied on the fly by the mount itself, so the
-    /// files keep the container's ids on disk.
-    fn maps_itself(&self, idmap: &IdMapping) -> bool {
-        self.overlay.backend == Backend::FuseOverlayfs && !idmap.is_empty()
-    }
-
     fn layers(
         &self,
         kind: Kind,
@@ -761,18 +713,6 @@ impl Snapshotter {
             .with_context(|| format!("measuring disk usage of {}", fs.display()))?)
     }
 
-    /// Pins `base` for a mount of `rec`, reached as its path shows it now.
-    fn pin_base(&self, rec: &Record, base: &Path) -> Result<()> {
-        let dir = self.bases.open(base)?;
-        match self.layout.pin_base(rec.id, dir.as_fd()) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::not_found(format!(
-                "snapshot {:?} does not exist",
-                rec.key
-            ))),
-            other => Ok(other.context("pinning the base directory")?),
-        }
-    }
-
     /// Deletes a snapshot directory the database no longer refers to.
     fn reclaim(&self, id: Id, pins: Pins) {
         let result = self
@@ -785,37 +725,24 @@ impl Snapshotter {
     }
 }
 
-/// Start-up repair: takes down the pins of snapshots with no mounts on a
-/// base, which a crash leaves between the transaction of a Commit (or of an
-/// Update that drops the base) and the unpin after it. A pin of a snapshot
-/// the database does not know goes with its directory, at Cleanup.
-fn unpin_strays(layout: &Layout, store: &Store) -> anyhow::Result<()> {
-    for id in layout.pinned().context("listing base pins")? {
-        let stray = store.read(|tx| {
-            Ok(tx
-                .record_by_id(id)?
-                .is_some_and(|r| r.kind == Kind::Committed || r.base.is_none()))
-        })?;
-        if stray {
-            layout
-                .unpin_base(id)
-                .with_context(|| format!("unpinning snapshot {id}, which mounts no base"))?;
-            tracing::info!(id, "unpinned a base left by a crash");
-        }
+/// What a metrics scrape reads from the core.
+impl crate::metrics::State for Snapshotter {
+    fn snapshots_by_kind(&self) -> anyhow::Result<Vec<(&'static str, i64)>> {
+        let counts = self.counts_by_kind()?;
+        Ok(counts.into_iter().map(|(k, n)| (k.as_str(), n)).collect())
     }
-    // Commit unpins a based snapshot's base and then removes its mount
-    // point: a crash between the two leaves an empty directory, which no
-    // mount table shows. Only committed snapshots on a base can have one.
-    let committed_on_bases = store.read(|tx| tx.committed_on_bases())?;
-    for id in committed_on_bases {
-        if std::fs::symlink_metadata(layout.base_dir(id)).is_ok() {
-            layout
-                .unpin_base(id)
-                .with_context(|| format!("removing the base mount point of snapshot {id}"))?;
-            tracing::info!(id, "removed a base mount point left by a crash");
-        }
+
+    fn database_path(&self) -> PathBuf {
+        self.layout.db_path()
     }
-    Ok(())
+
+    fn pinned_bases(&self) -> Option<usize> {
+        self.layout.pinned().ok().map(|p| p.len())
+    }
+
+    fn backend_name(&self) -> &'static str {
+        self.backend().as_str()
+    }
 }
 
 /// containerd's filter strings (ORed), or InvalidArgument saying where one
