@@ -30,6 +30,16 @@ install_build_deps() {
   require_rust
 }
 
+# cargo-deb, which builds the Debian package, from crates.io at a known
+# version unless that version is already installed.
+CARGO_DEB_VERSION=3.8.0
+install_cargo_deb() {
+  if ! cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
+    echo "installing cargo-deb $CARGO_DEB_VERSION from crates.io"
+    cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION"
+  fi
+}
+
 require_overlayfs() {
   grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || true
   grep -qw overlay /proc/filesystems || die "the kernel has no overlayfs (modprobe overlay failed)"

@@ -14,10 +14,12 @@ install_build_deps
 # the operations suite runs systemd-socket-activate (systemd), and a real
 # Prometheus server and promtool (prometheus); the syscall counts, strace;
 # containerd's own snapshotter testsuite, Go and containerd 1.6's source;
-# the vendored h2's check (tests/h2_patch.rs), patch.
+# the vendored h2's check (tests/h2_patch.rs), patch; the Debian package's
+# test, dpkg-dev and cargo-deb (from crates.io).
 apt_install util-linux passwd e2fsprogs containerd runc busybox-static tar coreutils fuse-overlayfs fuse3 \
   python3 python3-venv docker-registry skopeo systemd prometheus strace \
-  golang-go golang-github-containerd-containerd-dev patch
+  golang-go golang-github-containerd-containerd-dev patch dpkg-dev
+install_cargo_deb
 require_overlayfs
 require_fuse
 # containerd 1.7 and 2.1 from Debian's trixie and sid, unpacked into

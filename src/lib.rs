@@ -25,8 +25,8 @@
 //!
 //! Shared by the daemon and the tools: [`config`], [`backend`] (the two
 //! ways mounts are made, checked at start-up), [`snapshot`] (the domain
-//! model), and the compiled protos. The command line's own: [`cli`],
-//! [`check`] (`ontop check`), [`containerd_config`] (`ontop
+//! model), and the compiled protos. The command line's own: [`command`] (its
+//! definition), [`cli`], [`check`] (`ontop check`), [`containerd_config`] (`ontop
 //! containerd-config`) and [`dial`] (a channel to a running daemon).
 //!
 //! The benchmark, the test client and the mounter live in the
@@ -41,6 +41,7 @@ pub mod base;
 pub(crate) mod caller;
 pub mod check;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod containerd_config;
 pub mod dial;

@@ -4,113 +4,16 @@
 //! `ontop-bench`, which is built apart so this binary carries no bench.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
 use ontop::admin::v1::{admin_client::AdminClient, InfoRequest, ListRequest};
-use ontop::cli::ContainerdConfigArgs;
-use ontop::config::{Config, LogFormat, Overrides};
+use ontop::command::{Cli, Command};
+use ontop::config::{Config, Overrides};
 use ontop::containerd_api::snapshots::v1::{
     snapshots_client::SnapshotsClient, StatSnapshotRequest,
 };
-
-#[derive(Parser)]
-#[command(
-    name = "ontop",
-    version,
-    about = "A containerd snapshotter: SQLite metadata, overlay mounts"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve containerd's Snapshots API on a unix socket.
-    Serve(ServeArgs),
-    /// Exit 0 when a daemon answers on its socket: a readiness probe.
-    Ping(ClientArgs),
-    /// List every snapshot of a running daemon, with usage.
-    Ls(ClientArgs),
-    /// Show one snapshot of a running daemon: chain, usage, labels, path.
-    Info {
-        /// The snapshot's key or name, as containerd sent it.
-        key: String,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
-    /// Print the containerd config that wires this ontop in, for a
-    /// containerd 1.x or 2.x.
-    ContainerdConfig(ContainerdConfigArgs),
-    /// Benchmark snapshotters side by side through the Snapshots API: runs
-    /// `ontop-bench` (beside this binary, or on PATH) with ARGS.
-    #[command(disable_help_flag = true)]
-    Bench {
-        /// `ontop-bench`'s arguments; `ontop bench --help` lists them.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<OsString>,
-    },
-    /// Check the database against the disk: through a running daemon, or
-    /// offline with --root when none runs. Exits 1 if problems remain.
-    Check {
-        /// Fix what can be fixed without losing data.
-        #[arg(long)]
-        repair: bool,
-        /// Check this root offline; no daemon may be serving it.
-        #[arg(long, conflicts_with = "address")]
-        root: Option<PathBuf>,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Config file [default: /etc/ontop/config.toml when it exists; for
-    /// users other than root, ~/.config/ontop/config.toml].
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// How mounts are made: the kernel's overlayfs, or fuse-overlayfs.
-    #[arg(long, value_enum)]
-    backend: Option<ontop::backend::Backend>,
-    /// Where snapshots and metadata live.
-    #[arg(long)]
-    root: Option<PathBuf>,
-    /// The unix socket to serve on.
-    #[arg(long)]
-    address: Option<PathBuf>,
-    /// A tracing level or filter, such as "debug" or "ontop=debug,info".
-    #[arg(long)]
-    log_level: Option<String>,
-    #[arg(long, value_enum)]
-    log_format: Option<LogFormat>,
-    /// Serve Prometheus metrics at /metrics on IP:PORT or unix:/path.
-    #[arg(long)]
-    metrics_address: Option<String>,
-}
-
-#[derive(Args)]
-struct ClientArgs {
-    /// Config file to read the socket address from.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// The daemon's socket.
-    #[arg(long)]
-    address: Option<PathBuf>,
-}
-
-impl ClientArgs {
-    fn address(&self) -> anyhow::Result<PathBuf> {
-        let flags = Overrides {
-            address: self.address.clone(),
-            ..Default::default()
-        };
-        Ok(Config::load(self.config.as_deref(), flags)?.address)
-    }
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

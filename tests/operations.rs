@@ -648,7 +648,7 @@ fn the_contrib_units_pass_systemd_analyze_and_listen_where_ontop_serves() {
     // verify checks that ExecStart= exists: point it at this build.
     let service = std::fs::read_to_string(contrib.join("ontop.service"))
         .unwrap()
-        .replace("/usr/local/bin/ontop", BIN);
+        .replace("/usr/bin/ontop", BIN);
     assert!(service.lines().any(|l| l == "Type=notify"));
     assert!(service.lines().any(|l| l.starts_with("WatchdogSec=")));
     std::fs::write(dir.path().join("ontop.socket"), socket).unwrap();

@@ -3,19 +3,8 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
-use ontop_tools::bench::BenchArgs;
-
-#[derive(Parser)]
-#[command(
-    name = "ontop-bench",
-    version,
-    about = "Benchmark snapshotters side by side through the Snapshots API"
-)]
-struct Cli {
-    #[command(flatten)]
-    args: BenchArgs,
-}
+use clap::{CommandFactory, FromArgMatches};
+use ontop_tools::bench::Cli;
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();

@@ -3,9 +3,21 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{ArgMatches, Args};
+use clap::{ArgMatches, Args, Parser};
 
 use super::{Plan, Sizes, Spec};
+
+/// `ontop-bench`'s command line, which `ontop bench` hands on.
+#[derive(Parser)]
+#[command(
+    name = "ontop-bench",
+    version,
+    about = "Benchmark snapshotters side by side through the Snapshots API"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub args: BenchArgs,
+}
 
 /// Targets are compared in the order given; the first is the baseline.
 #[derive(Args)]

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
 
-pub use args::BenchArgs;
+pub use args::{BenchArgs, Cli};
 pub use stats::{Row, Series};
 pub use target::{Spec, Target};
 pub use workloads::GROUPS;
