@@ -40,5 +40,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo build"
+# The binaries, ontop-bench among them: cargo test builds only the binaries
+# of the package whose tests use them, and tests/bench.rs runs ontop-bench.
+cargo build --locked
 echo "== cargo test"
 cargo test --locked --all-targets -- "${extra[@]}"

@@ -14,6 +14,12 @@ use common::{Daemon, BIN};
 /// Runs `ontop bench --quick ARGS --json FILE` and returns the JSON rows'
 /// workload names per target.
 fn bench(dir: &std::path::Path, args: &[&str]) -> Vec<(String, String)> {
+    let tool = std::path::Path::new(BIN).with_file_name("ontop-bench");
+    assert!(
+        tool.is_file(),
+        "no {}: `ontop bench` runs it; build it with `cargo build` (scripts/test.sh does)",
+        tool.display()
+    );
     let json = dir.join("bench.json");
     let out = Command::new(BIN)
         // The running test's containerd release's ctr, for image runs.
