@@ -9,7 +9,7 @@
 # Needs: cargo build --release; apt-get install fuse-overlayfs fuse3 busybox-static
 set -euo pipefail
 out=$(realpath -m "${1:?usage: image.sh OUT.tar [IMAGE-NAME]}")
-name=${2:-docker.io/ontop/ontop:0.1.0}
+name=${2:-localhost/ontop:0.1.0}
 source "$(dirname "$0")/lib.sh"
 # ONTOP_BIN: another build of ontop (the tests use their debug build).
 bin=${ONTOP_BIN:-$PWD/target/release/ontop}

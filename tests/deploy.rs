@@ -140,6 +140,14 @@ async fn the_image_serves_the_nodes_socket_from_a_container() {
     let ctd = Containerd::start(&d).await;
     let (tar, image) = ontop_image();
     let image = image.as_str();
+    let daemonset = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/daemonset.yaml"),
+    )
+    .unwrap();
+    assert!(
+        daemonset.contains(&format!("image: {image}\n")),
+        "the DaemonSet runs the image scripts/image.sh builds, {image}"
+    );
     ctd.ctr_ok(&["images", "import", &tar.display().to_string()]);
 
     let node = d.dir.path().join("node");
