@@ -11,7 +11,7 @@
 //! behind are taken down at start-up.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -214,7 +214,7 @@ pub fn volatile(labels: &Labels) -> Result<bool> {
 /// In a user namespace, an owner from outside it has no number inside and
 /// cannot be given to the upper; then the upper keeps its owner.
 pub fn copy_root_attributes(base: BorrowedFd<'_>, upper: &Path) -> io::Result<()> {
-    let st = nix::sys::stat::fstat(base.as_raw_fd())?;
+    let st = nix::sys::stat::fstat(base)?;
     match std::os::unix::fs::chown(upper, Some(st.st_uid), Some(st.st_gid)) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
         other => other?,

@@ -422,7 +422,7 @@ pub enum Pins {
 /// Renames, failing with AlreadyExists rather than replace `to`.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let flags = nix::fcntl::RenameFlags::RENAME_NOREPLACE;
-    match nix::fcntl::renameat2(None, from, None, to, flags) {
+    match nix::fcntl::renameat2(nix::fcntl::AT_FDCWD, from, nix::fcntl::AT_FDCWD, to, flags) {
         // A filesystem without the flag (ZFS before 2.2, some FUSE ones):
         // look first, as before. Only ontop renames into `snapshots/`, one
         // id at a time, so nothing appears in between.

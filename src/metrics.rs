@@ -19,6 +19,11 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// The process's own CPU, memory, descriptors, threads and start time
+/// (metrics-process, read from /proc at each scrape).
+static PROCESS: std::sync::LazyLock<metrics_process::Collector> =
+    std::sync::LazyLock::new(metrics_process::Collector::default);
+
 /// The recorder's handle, once [`install`] ran: before that (and when no
 /// metrics address is set) the `metrics` macros record nothing.
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -103,19 +108,9 @@ fn describe() {
         Unit::Bytes,
         "Disk space freed by Cleanup"
     );
-    // The names every Prometheus client's process collector uses, so that
-    // standard dashboards and alerts find them.
-    describe_gauge!(
-        "process_resident_memory_bytes",
-        Unit::Bytes,
-        "Resident memory size"
-    );
-    describe_gauge!("process_open_fds", "Open file descriptors");
-    describe_gauge!(
-        "process_start_time_seconds",
-        Unit::Seconds,
-        "Start time of the process since the Unix epoch"
-    );
+    // process_* under the names every Prometheus client's process
+    // collector uses, so that standard dashboards and alerts find them.
+    PROCESS.describe();
     describe_gauge!(
         "ontop_build_info",
         "Always 1: ontop's version and the backend it serves, as labels"
@@ -245,10 +240,7 @@ fn refresh(state: &dyn State) {
     if let Some(pins) = state.pinned_bases() {
         gauge!("ontop_pinned_bases").set(pins as f64);
     }
-    let process = ProcessStats::read();
-    gauge!("process_resident_memory_bytes").set(process.rss_bytes as f64);
-    gauge!("process_open_fds").set(process.open_fds as f64);
-    gauge!("process_start_time_seconds").set(process.start_time);
+    PROCESS.collect();
     gauge!(
         "ontop_build_info",
         "version" => env!("CARGO_PKG_VERSION"),
@@ -291,52 +283,6 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-struct ProcessStats {
-    rss_bytes: i64,
-    open_fds: i64,
-    start_time: f64,
-}
-
-impl ProcessStats {
-    fn read() -> ProcessStats {
-        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .unwrap_or(4096);
-        // statm: size resident shared ... in pages.
-        let rss_pages = std::fs::read_to_string("/proc/self/statm")
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
-            .unwrap_or(0);
-        let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
-        ProcessStats {
-            rss_bytes: rss_pages * page,
-            open_fds,
-            start_time: start_time().unwrap_or(0.0),
-        }
-    }
-}
-
-/// When this process started, from its start tick in /proc/self/stat and
-/// the boot time in /proc/stat.
-fn start_time() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command, which may hold spaces, end with ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
-    let ticks: f64 = after.split_whitespace().nth(19)?.parse().ok()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()? as f64;
-    let boot: f64 = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(boot + ticks / hz)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,17 +295,5 @@ mod tests {
             code_name(tonic::Code::FailedPrecondition),
             "FailedPrecondition"
         );
-    }
-
-    #[test]
-    fn process_stats_are_read_from_proc() {
-        let p = ProcessStats::read();
-        assert!(p.rss_bytes > 0);
-        assert!(p.open_fds >= 3);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64();
-        assert!(p.start_time > now - 3600.0 && p.start_time <= now + 1.0);
     }
 }

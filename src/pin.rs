@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -84,9 +84,8 @@ pub fn open_dir(path: &Path) -> Result<OwnedFd, OpenError> {
 }
 
 pub fn open_at(dir: Option<BorrowedFd<'_>>, name: &Path, flags: OFlag) -> io::Result<OwnedFd> {
-    let fd = nix::fcntl::openat(dir.map(|d| d.as_raw_fd()), name, flags, Mode::empty())?;
-    // SAFETY: openat just returned this descriptor, and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let dir = dir.unwrap_or(nix::fcntl::AT_FDCWD);
+    Ok(nix::fcntl::openat(dir, name, flags, Mode::empty())?)
 }
 
 /// What makes a directory itself, whatever path leads to it.
@@ -97,7 +96,7 @@ pub struct Identity {
 }
 
 pub fn identity(dir: BorrowedFd<'_>) -> io::Result<Identity> {
-    let st = nix::sys::stat::fstat(dir.as_raw_fd())?;
+    let st = nix::sys::stat::fstat(dir)?;
     Ok(Identity {
         dev: st.st_dev,
         ino: st.st_ino,

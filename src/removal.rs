@@ -35,7 +35,7 @@ pub fn remove_all(path: &Path) -> io::Result<()> {
 
 /// Empties `dir`, which is on `mount`, without leaving that mount.
 fn remove_contents(dir: &OwnedFd, path: &Path, mount: u64) -> io::Result<()> {
-    let mut listing = nix::dir::Dir::from_fd(nix::unistd::dup(dir.as_raw_fd())?)?;
+    let mut listing = nix::dir::Dir::from_fd(nix::unistd::dup(dir)?)?;
     let mut entries = Vec::new();
     for entry in listing.iter() {
         let entry = entry?;
@@ -43,12 +43,10 @@ fn remove_contents(dir: &OwnedFd, path: &Path, mount: u64) -> io::Result<()> {
         if name.to_bytes() != b"." && name.to_bytes() != b".." {
             let is_dir = match entry.file_type() {
                 Some(t) => t == nix::dir::Type::Directory,
-                None => nix::sys::stat::fstatat(
-                    Some(dir.as_raw_fd()),
-                    name,
-                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                )
-                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)?,
+                None => {
+                    nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)?
+                }
             };
             entries.push((OsStr::from_bytes(name.to_bytes()).to_owned(), is_dir));
         }
@@ -106,9 +104,7 @@ fn open_on_mount(
 }
 
 fn unlink_at(dir: &OwnedFd, name: &Path, flag: nix::unistd::UnlinkatFlags) -> io::Result<()> {
-    ignore_missing(
-        nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, flag).map_err(io::Error::from),
-    )
+    ignore_missing(nix::unistd::unlinkat(dir, name, flag).map_err(io::Error::from))
 }
 
 fn open_subdir(dir: Option<BorrowedFd<'_>>, name: &Path) -> io::Result<OwnedFd> {

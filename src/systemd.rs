@@ -3,6 +3,12 @@
 //! service notification (`NOTIFY_SOCKET`, sd_notify(3)), with the
 //! watchdog.
 //!
+//! Written here rather than with the sd-notify crate (0.5): that one sends
+//! only to a filesystem `NOTIFY_SOCKET`, not to one in the abstract
+//! namespace (`@name`), which sd_notify(3) allows and service managers
+//! other than PID 1 use; and ontop checks what an activated socket is
+//! (a listening unix stream socket) before it serves on it.
+//!
 //! Socket activation is what makes a restart invisible to containerd:
 //! the listening socket belongs to systemd and outlives the process, so
 //! connections made while ontop restarts wait in the listen backlog
@@ -51,7 +57,7 @@ pub fn inherited_listener() -> anyhow::Result<Option<(UnixListener, Option<PathB
     // Not for the processes ontop starts (mount helpers): they must not
     // hold the socket open past ontop.
     nix::fcntl::fcntl(
-        LISTEN_FDS_START,
+        &fd,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
     .context("setting close-on-exec on the inherited socket")?;

@@ -530,6 +530,9 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
         "ontop_cleanup_reclaimed_bytes_total",
         "process_resident_memory_bytes",
         "process_open_fds",
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
+        "process_threads",
         r#"ontop_build_info{version=""#,
     ] {
         assert!(scrape.contains(expected), "no {expected} in:\n{scrape}");

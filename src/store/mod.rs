@@ -208,7 +208,8 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
 
 /// Brings the schema up to date, one migration per transaction.
 fn migrate(conn: &Connection) -> anyhow::Result<()> {
-    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version = usize::try_from(version).context("a negative schema version")?;
     anyhow::ensure!(
         version <= MIGRATIONS.len(),
         "database schema version {version} is newer than this ontop understands ({})",
@@ -218,7 +219,7 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
         let tx = conn.unchecked_transaction()?;
         tx.execute_batch(sql)
             .with_context(|| format!("migration {}", i + 1))?;
-        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
     Ok(())
@@ -263,10 +264,10 @@ mod tests {
         drop(Store::open(&path).unwrap());
         let store = Store::open(&path).unwrap();
         let conn = store.reader().unwrap();
-        let version: usize = conn
+        let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, MIGRATIONS.len());
+        assert_eq!(version, MIGRATIONS.len() as i64);
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
