@@ -21,7 +21,7 @@ apt_install() {
 }
 
 require_rust() {
-  command -v cargo >/dev/null || die "cargo is missing: install a Rust toolchain (1.89 or newer) with rustup first"
+  command -v cargo >/dev/null || die "cargo is missing: install a Rust toolchain (1.88 or newer) with rustup first"
 }
 
 # Build dependencies: protoc for the gRPC code, a C compiler for SQLite.
