@@ -296,6 +296,18 @@ impl Snapshotter {
                 .install(dir, id)
                 .with_context(|| format!("moving snapshot {id} into place"))?;
             installed.set(Some(id));
+            // The acknowledged row must not outlive a power cut that its
+            // tree does not: the new directories and their entry in
+            // snapshots/ are synced before the batch commits (snapshots/
+            // once for the whole batch).
+            let mut durable = vec![self.layout.fs(id), self.layout.snapshot_dir(id)];
+            if kind == Kind::Active {
+                durable.push(self.layout.work(id));
+            }
+            durable.push(self.layout.snapshots_dir());
+            for d in durable {
+                tx.sync_before_commit(d);
+            }
             Ok(layers)
         });
         match result {

@@ -2,10 +2,14 @@
 //! of a shared transaction, and one durable COMMIT (its fsyncs) for as
 //! many callers as are queued. See the module doc of [`super`].
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use rusqlite::Connection;
 
 use super::{Store, Tx};
@@ -23,21 +27,28 @@ pub(super) struct Writer {
     /// how many mutations it holds.
     pub(super) batch: Arc<Outcome>,
     pub(super) in_batch: usize,
+    /// Directories the batch's rows point at, fsynced before its COMMIT.
+    pub(super) to_sync: BTreeSet<PathBuf>,
 }
 
 /// How a batch ended: Ok, or its COMMIT's error. Unset while open.
 pub(super) type Outcome = OnceLock<std::result::Result<(), String>>;
 
 impl Writer {
-    /// Commits the open transaction for everyone in it.
-    fn finish(&mut self) -> rusqlite::Result<()> {
+    /// Makes the batch's directories durable, then commits the open
+    /// transaction for everyone in it. A directory that cannot be synced
+    /// fails the whole batch: nothing of it is acknowledged.
+    fn finish(&mut self) -> Result<()> {
         let started = std::time::Instant::now();
-        let result = self.conn.execute_batch("COMMIT");
+        let result = match sync_dirs(&std::mem::take(&mut self.to_sync)) {
+            Ok(()) => self.conn.execute_batch("COMMIT").map_err(Error::from),
+            Err(e) => Err(e),
+        };
         crate::metrics::group_commit(self.in_batch, started.elapsed());
         if result.is_err() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
-        self.end_batch(result.as_ref().err().map(|e| e.to_string()));
+        self.end_batch(result.as_ref().err().map(|e| format!("{e:#}")));
         result
     }
 
@@ -46,7 +57,21 @@ impl Writer {
         self.batch = Arc::new(Outcome::new());
         self.open = false;
         self.in_batch = 0;
+        self.to_sync.clear();
     }
+}
+
+/// fsyncs each directory, so that the entries and inodes a batch's rows
+/// depend on are on disk before the rows are.
+fn sync_dirs(dirs: &BTreeSet<PathBuf>) -> Result<()> {
+    for dir in dirs {
+        let synced = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        match synced {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other.with_context(|| format!("syncing {}", dir.display()))?,
+        }
+    }
+    Ok(())
 }
 
 impl Store {
@@ -122,11 +147,15 @@ impl Store {
         }
         w.conn.execute_batch("SAVEPOINT op")?;
         w.in_batch += 1;
-        let out = f(&Tx(&w.conn));
+        let syncs = RefCell::new(Vec::new());
+        let out = f(&Tx(&w.conn, Some(&syncs)));
         let closed = match out {
             Ok(_) => w.conn.execute_batch("RELEASE op"),
             Err(_) => w.conn.execute_batch("ROLLBACK TO op; RELEASE op"),
         };
+        if out.is_ok() && closed.is_ok() {
+            w.to_sync.extend(syncs.into_inner());
+        }
         if let Err(e) = closed {
             // The savepoint is gone or in an unknown state (SQLite rolls a
             // whole transaction back on some errors, such as a full disk):
@@ -147,6 +176,51 @@ mod tests {
     use super::*;
     use crate::snapshot::{Kind, Labels, Timestamp};
     use crate::store::testing::{new, open};
+
+    #[test]
+    fn a_directory_that_cannot_be_synced_fails_the_batch_and_commits_nothing() {
+        let (dir, store) = open();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let labels = Labels::new();
+        let err = store
+            .write(|tx| {
+                tx.insert(&new(Kind::Active, "k", None, &labels), Timestamp::now())?;
+                tx.sync_before_commit(file.join("not-a-dir"));
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("not-a-dir"), "{err:#}");
+        assert!(store.read(|tx| tx.record("k")).unwrap().is_none());
+        // The writer goes on: the next batch commits.
+        store
+            .write(|tx| tx.insert(&new(Kind::Active, "k", None, &labels), Timestamp::now()))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_directory_gone_by_the_commit_is_skipped_and_a_rolled_back_one_never_synced() {
+        let (dir, store) = open();
+        let labels = Labels::new();
+        store
+            .write(|tx| {
+                tx.insert(&new(Kind::Active, "k", None, &labels), Timestamp::now())?;
+                tx.sync_before_commit(dir.path().join("removed-meanwhile"));
+                Ok(())
+            })
+            .unwrap();
+        assert!(store.read(|tx| tx.record("k")).unwrap().is_some());
+        // A write that fails leaves nothing to sync for the batch it was in.
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let _ = store.write(|tx| -> Result<()> {
+            tx.sync_before_commit(file.join("not-a-dir"));
+            Err(Error::invalid_argument("refused"))
+        });
+        store
+            .write(|tx| tx.insert(&new(Kind::Active, "k2", None, &labels), Timestamp::now()))
+            .unwrap();
+    }
 
     #[test]
     fn concurrent_writes_share_commits_and_a_failure_undoes_only_its_own() {

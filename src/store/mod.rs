@@ -102,6 +102,7 @@ impl Store {
                 open: false,
                 batch: Arc::new(Outcome::new()),
                 in_batch: 0,
+                to_sync: Default::default(),
             }),
             committed: Condvar::new(),
             queued: AtomicUsize::new(0),
@@ -149,7 +150,7 @@ impl Store {
         f: impl FnOnce(&Tx<'_>) -> Result<T>,
     ) -> Result<T> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        f(&Tx(&tx))
+        f(&Tx(&tx, None))
     }
 
     fn free_reader(&self) -> Option<MutexGuard<'_, Connection>> {

@@ -2,6 +2,7 @@
 //! rows to [`Record`]s: columns are read by name, and ontop's types carry
 //! their own SQL conversions.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -52,8 +53,26 @@ pub struct NewSnapshot<'a> {
 }
 
 /// A connection inside a transaction, read or write, with the queries
-/// ontop needs.
-pub struct Tx<'a>(pub(super) &'a Connection);
+/// ontop needs; a write's also collects the directories to make durable
+/// before its batch commits (see [`Tx::sync_before_commit`]).
+pub struct Tx<'a>(
+    pub(super) &'a Connection,
+    pub(super) Option<&'a RefCell<Vec<PathBuf>>>,
+);
+
+impl Tx<'_> {
+    /// Has `dir` fsynced before the COMMIT that makes this write durable,
+    /// once per batch however many writes ask: a row that points at a
+    /// directory must never outlive a power cut that the directory does
+    /// not. A directory gone by then was removed by a later write of the
+    /// same batch, and is skipped.
+    pub fn sync_before_commit(&self, dir: PathBuf) {
+        match self.1 {
+            Some(syncs) => syncs.borrow_mut().push(dir),
+            None => debug_assert!(false, "sync_before_commit in a read transaction"),
+        }
+    }
+}
 
 const RECORD_COLUMNS: &str = "s.id AS id, s.kind AS kind, s.key AS key,
      s.parent_id AS parent_id, COALESCE(p.key, '') AS parent,
