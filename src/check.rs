@@ -187,6 +187,47 @@ pub fn run(
     Ok(findings)
 }
 
+/// What start-up found when it set the database against `snapshots/`.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    /// Snapshots whose directory is gone: their data is lost.
+    pub missing: Vec<Id>,
+    /// Directories no snapshot owns, moved to the trash, to delete.
+    pub orphans: Vec<PathBuf>,
+}
+
+/// Start-up's reconciliation of rows and directories: one listing of
+/// `snapshots/` against the ids in the database. A directory no row owns
+/// (a Prepare that crashed before its COMMIT) goes to the trash, as
+/// Cleanup would send it. A row without its directory is only reported:
+/// nothing can bring its data back, and `ontop check` says what to do.
+/// `tmp/` holds nothing acknowledged (Prepare syncs its tree into
+/// `snapshots/` before it answers), so emptying it loses nothing.
+pub fn at_start(layout: &Layout, store: &Store) -> Result<Reconciled> {
+    let mut found = Reconciled::default();
+    store.write(|tx| {
+        let ids = tx.ids()?;
+        let on_disk: std::collections::HashSet<Id> = layout
+            .snapshot_dir_names()
+            .map_err(anyhow::Error::from)?
+            .iter()
+            .filter_map(|n| n.to_str()?.parse().ok())
+            .collect();
+        found.missing = ids
+            .iter()
+            .copied()
+            .filter(|id| !on_disk.contains(id))
+            .collect();
+        found.missing.sort_unstable();
+        // Under the write lock, as Cleanup does: nothing is being installed.
+        found.orphans = layout
+            .discard_unknown(|id| ids.contains(&id))
+            .map_err(anyhow::Error::from)?;
+        Ok(())
+    })?;
+    Ok(found)
+}
+
 /// The base of `rec`: reachable, and pinned only where a pin belongs.
 fn check_base(layout: &Layout, rec: &Record, repair: bool) -> Option<Finding> {
     let (id, key) = (rec.id, rec.key.clone());

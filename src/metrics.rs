@@ -112,6 +112,10 @@ fn describe() {
     // collector uses, so that standard dashboards and alerts find them.
     PROCESS.describe();
     describe_gauge!(
+        "ontop_snapshots_missing_tree",
+        "Snapshots whose directory start-up found gone (data lost; see ontop check)"
+    );
+    describe_gauge!(
         "ontop_build_info",
         "Always 1: ontop's version and the backend it serves, as labels"
     );
@@ -219,6 +223,8 @@ pub trait State: Send + Sync {
     fn pinned_bases(&self) -> Option<usize>;
     /// The backend's name, for `ontop_build_info`.
     fn backend_name(&self) -> &'static str;
+    /// Snapshots whose directory start-up found gone.
+    fn missing_trees(&self) -> usize;
 }
 
 /// Reads what is cheaper to read than to count.
@@ -237,6 +243,7 @@ fn refresh(state: &dyn State) {
     let mut wal = db.into_os_string();
     wal.push("-wal");
     gauge!("ontop_database_wal_size_bytes").set(size(wal.as_ref()));
+    gauge!("ontop_snapshots_missing_tree").set(state.missing_trees() as f64);
     if let Some(pins) = state.pinned_bases() {
         gauge!("ontop_pinned_bases").set(pins as f64);
     }

@@ -109,6 +109,9 @@ pub struct Snapshotter {
     /// Which uppers changed, so Usage walks only those; none where
     /// fanotify is not allowed (see `crate::watch`).
     watch: Option<Watch>,
+    /// Snapshots start-up found without their directory (see
+    /// `crate::check::at_start`), for the metric.
+    missing_trees: usize,
     _lock: layout::RootLock,
 }
 
@@ -131,6 +134,8 @@ impl Snapshotter {
         }
         let store = Store::open(&layout.db_path())?;
         base::unpin_strays(&layout, &store)?;
+        let reconciled = crate::check::at_start(&layout, &store)?;
+        report_reconciled(&reconciled);
         let watch = match Watch::start(layout.root(), &layout.own_dirs()) {
             Ok(watch) => {
                 tracing::info!(
@@ -157,6 +162,7 @@ impl Snapshotter {
             overlay: opts.overlay,
             async_remove: opts.async_remove,
             watch,
+            missing_trees: reconciled.missing.len(),
             _lock: lock,
         })
     }
@@ -755,6 +761,39 @@ impl crate::metrics::State for Snapshotter {
     fn backend_name(&self) -> &'static str {
         self.backend().as_str()
     }
+
+    fn missing_trees(&self) -> usize {
+        self.missing_trees
+    }
+}
+
+/// Says loudly what start-up's reconciliation found, and deletes the
+/// orphans it moved to the trash on a thread of their own, so that a big
+/// one does not hold up serving.
+fn report_reconciled(found: &crate::check::Reconciled) {
+    if !found.missing.is_empty() {
+        let shown: Vec<String> = found.missing.iter().take(20).map(Id::to_string).collect();
+        tracing::error!(
+            count = found.missing.len(),
+            ids = %shown.join(","),
+            "snapshots whose directory is gone: their data is lost; `ontop check` lists them"
+        );
+    }
+    if found.orphans.is_empty() {
+        return;
+    }
+    tracing::info!(
+        count = found.orphans.len(),
+        "removing snapshot directories no snapshot owns (left by a crash)"
+    );
+    let orphans = found.orphans.clone();
+    std::thread::spawn(move || {
+        for p in orphans {
+            if let Err(e) = crate::removal::remove_all(&p) {
+                tracing::warn!(path = %p.display(), error = %e, "could not remove; Cleanup will retry");
+            }
+        }
+    });
 }
 
 /// containerd's filter strings (ORed), or InvalidArgument saying where one

@@ -124,3 +124,48 @@ async fn damage_is_found_the_safe_part_repaired_and_the_rest_named() {
     assert_eq!(fs::read_dir(d.root.join("tmp")).unwrap().count(), 0);
     assert_eq!(lines_with(&text, "needs a person").len(), 2, "{text}");
 }
+
+#[tokio::test]
+async fn start_up_sets_rows_against_directories_and_says_what_is_lost() {
+    let mut d = Daemon::start().await;
+    let mut c = d.client().await;
+    c.prepare("kept", "").await.unwrap(); // 1
+    c.prepare("lost", "").await.unwrap(); // 2
+    d.stop().await;
+    // A tree lost to a crash, and a directory a Prepare left in place
+    // without its row (it crashed before its COMMIT).
+    let snaps = d.root.join("snapshots");
+    fs::remove_dir_all(snaps.join("2")).unwrap();
+    fs::create_dir_all(snaps.join("77/fs")).unwrap();
+    fs::write(snaps.join("77/fs/data"), "unacknowledged").unwrap();
+
+    d.spawn().await;
+    let log = d.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("directory is gone") && l.contains("2")),
+        "start-up names the lost snapshot at error level:\n{log}"
+    );
+    // The orphan goes (on a thread of its own), the kept snapshot works.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while snaps.join("77").exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        !snaps.join("77").exists(),
+        "the orphan directory is removed"
+    );
+    assert_eq!(fs::read_dir(d.root.join("trash")).unwrap().count(), 0);
+    let mut c = d.client().await;
+    c.mounts("kept").await.unwrap();
+    // What is lost stays listed for a person: check names it.
+    let sock = d.socket.to_str().unwrap().to_string();
+    let (out, text) = check(&["--address", &sock]);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        lines_with(&text, "needs a person")
+            .iter()
+            .any(|l| l.contains("\"lost\"") && l.contains("lost its tree")),
+        "{text}"
+    );
+}

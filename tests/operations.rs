@@ -525,6 +525,7 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
         "ontop_database_size_bytes",
         "ontop_database_wal_size_bytes",
         "ontop_pinned_bases 0",
+        "ontop_snapshots_missing_tree 0",
         "ontop_usage_walk_duration_seconds_count",
         "ontop_usage_walk_files_total",
         "ontop_cleanup_reclaimed_bytes_total",
