@@ -301,10 +301,24 @@ fn bind_socket(path: &Path) -> anyhow::Result<(UnixListener, u64)> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    // Bound in a private (0700) directory beside it, given its mode there,
+    // then renamed into place: the socket is never reachable with the
+    // mode bind gives it (0777 less the umask).
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let staging = tempfile::Builder::new()
+        .prefix(".ontop-bind-")
+        .tempdir_in(dir)
+        .with_context(|| format!("creating a private directory in {}", dir.display()))?;
+    let staged = staging.path().join("socket");
+    let listener = UnixListener::bind(&staged)
+        .with_context(|| format!("binding socket {}", path.display()))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting mode 0660 on {}", path.display()))?;
+    std::fs::rename(&staged, path)
+        .with_context(|| format!("moving the socket into place at {}", path.display()))?;
     let ino = std::fs::symlink_metadata(path)?.ino();
     Ok((listener, ino))
 }

@@ -52,6 +52,13 @@ async fn it_starts_quickly_and_the_socket_is_0660_in_a_created_directory() {
     let md = fs::symlink_metadata(&socket).unwrap();
     assert!(md.file_type().is_socket());
     assert_eq!(md.permissions().mode() & 0o777, 0o660);
+    // It was bound in a private directory and moved into place with its
+    // mode; nothing of that is left beside it.
+    let beside: Vec<_> = fs::read_dir(socket.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(beside, vec![std::ffi::OsString::from("ontop.sock")]);
     common::terminate(child.id()).unwrap();
     assert!(child.wait().unwrap().success());
 }
