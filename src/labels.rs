@@ -8,12 +8,30 @@ use crate::snapshot::Labels;
 /// containerd rejects a label whose key and value together exceed this.
 pub const MAX_LABEL_SIZE: usize = 4096;
 
+/// The most labels one snapshot may carry: far above what containerd and
+/// CRI set (a handful), and with [`MAX_LABEL_SIZE`] a bound of 2 MiB on
+/// what one snapshot's labels hold, under gRPC's 4 MiB message limit.
+pub const MAX_LABELS: usize = 512;
+
 /// Checks sizes and drops empty values, which mean "unset" to containerd.
 pub fn validate(labels: HashMap<String, String>) -> Result<Labels> {
     for (k, v) in &labels {
         check_size(k, v)?;
     }
-    Ok(labels.into_iter().filter(|(_, v)| !v.is_empty()).collect())
+    let labels: Labels = labels.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+    check_count(&labels)?;
+    Ok(labels)
+}
+
+/// Refuses more than [`MAX_LABELS`] labels on one snapshot.
+pub fn check_count(labels: &Labels) -> Result<()> {
+    if labels.len() > MAX_LABELS {
+        return Err(Error::invalid_argument(format!(
+            "{} labels on one snapshot; the limit is {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    Ok(())
 }
 
 pub fn check_size(key: &str, value: &str) -> Result<()> {

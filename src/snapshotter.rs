@@ -526,6 +526,7 @@ impl Snapshotter {
             let rec = tx.require(key)?;
             let old = tx.labels(rec.id)?;
             let mut labels = labels::merge_update(&old, &requested, fieldpaths);
+            labels::check_count(&labels)?;
             MountAsks::of(&labels)?;
 
             let old_base = old.get(BASE_LABEL).cloned();
@@ -813,9 +814,20 @@ fn base_label(tx: &Tx<'_>, rec: &Record) -> Result<String> {
     }))
 }
 
+/// The longest key or name ontop stores. containerd's own keys are a few
+/// hundred bytes at most (a namespace, an id, a chain id).
+const MAX_KEY_SIZE: usize = 4096;
+
 fn require_key(what: &str, key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::invalid_argument(format!("{what} must not be empty")));
+    }
+    if key.len() > MAX_KEY_SIZE {
+        let shown: String = key.chars().take(64).collect();
+        return Err(Error::invalid_argument(format!(
+            "{what} {shown:?}... is {} bytes; the limit is {MAX_KEY_SIZE}",
+            key.len()
+        )));
     }
     Ok(())
 }

@@ -29,6 +29,13 @@ fn big_label() -> HashMap<String, String> {
     labels(&[("containerd.io/snapshot/big", &"x".repeat(4096))])
 }
 
+/// One label more than a snapshot may carry.
+fn too_many_labels() -> HashMap<String, String> {
+    (0..=512)
+        .map(|i| (format!("containerd.io/snapshot/l{i}"), "v".to_string()))
+        .collect()
+}
+
 fn info(name: &str, l: HashMap<String, String>) -> api::Info {
     api::Info {
         name: name.into(),
@@ -111,6 +118,16 @@ async fn every_error_in_the_contract_table_has_its_code() {
             c.prepare_with("x", "", big_label()).await.map(drop),
         ),
         (
+            "prepare: key over 4096 bytes",
+            Code::InvalidArgument,
+            c.prepare(&"k".repeat(4097), "").await.map(drop),
+        ),
+        (
+            "prepare: more than 512 labels",
+            Code::InvalidArgument,
+            c.prepare_with("x", "", too_many_labels()).await.map(drop),
+        ),
+        (
             "commit: name exists, checked first",
             Code::AlreadyExists,
             c.commit("c1", "nope").await,
@@ -186,6 +203,11 @@ async fn every_error_in_the_contract_table_has_its_code() {
             "update: label over 4096 bytes",
             Code::InvalidArgument,
             c.update(info("a1", big_label()), &[]).await.map(drop),
+        ),
+        (
+            "update: more than 512 labels",
+            Code::InvalidArgument,
+            c.update(info("a1", too_many_labels()), &[]).await.map(drop),
         ),
         (
             "remove: key missing",
@@ -676,7 +698,21 @@ async fn cleanup_removes_directories_the_database_does_not_know() {
     assert_eq!(d.snapshot_dirs(), ["1"]);
 }
 
+async fn a_request_over_grpcs_message_limit_is_refused_before_it_is_read() {
+    let d = Daemon::start_in_process().await;
+    let mut c = d.client().await;
+    // 1,100 labels of 4,000 bytes: 4.4 MB, over the 4 MiB limit.
+    let huge: HashMap<String, String> = (0..1100)
+        .map(|i| (format!("containerd.io/snapshot/l{i}"), "v".repeat(4000)))
+        .collect();
+    let err = c.prepare_with("huge", "", huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert_eq!(d.snapshot_dirs().len(), 0);
+    c.prepare("small", "").await.unwrap();
+}
+
 on_every_backend!(
+    a_request_over_grpcs_message_limit_is_refused_before_it_is_read,
     every_error_in_the_contract_table_has_its_code,
     error_messages_name_what_was_wrong,
     stat_reports_kind_parent_and_equal_timestamps_at_creation,
