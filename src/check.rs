@@ -207,9 +207,8 @@ pub fn at_start(layout: &Layout, store: &Store) -> Result<Reconciled> {
     let mut found = Reconciled::default();
     store.write(|tx| {
         let ids = tx.ids()?;
-        let on_disk: std::collections::HashSet<Id> = layout
-            .snapshot_dir_names()
-            .map_err(anyhow::Error::from)?
+        let names = layout.snapshot_dir_names().map_err(anyhow::Error::from)?;
+        let on_disk: std::collections::HashSet<Id> = names
             .iter()
             .filter_map(|n| n.to_str()?.parse().ok())
             .collect();
@@ -221,7 +220,7 @@ pub fn at_start(layout: &Layout, store: &Store) -> Result<Reconciled> {
         found.missing.sort_unstable();
         // Under the write lock, as Cleanup does: nothing is being installed.
         found.orphans = layout
-            .discard_unknown(|id| ids.contains(&id))
+            .discard_unknown_of(&names, |id| ids.contains(&id))
             .map_err(anyhow::Error::from)?;
         Ok(())
     })?;

@@ -342,13 +342,23 @@ impl Layout {
     /// trash and returns the trash paths to delete. Run it under the
     /// metadata write lock, so no snapshot is being installed meanwhile.
     pub fn discard_unknown(&self, known: impl Fn(Id) -> bool) -> io::Result<Vec<PathBuf>> {
+        self.discard_unknown_of(&self.snapshot_dir_names()?, known)
+    }
+
+    /// [`Layout::discard_unknown`] over a listing of `snapshots/` already
+    /// made under the same lock.
+    pub fn discard_unknown_of(
+        &self,
+        names: &[OsString],
+        known: impl Fn(Id) -> bool,
+    ) -> io::Result<Vec<PathBuf>> {
         let mut trashed = Vec::new();
-        for name in self.snapshot_dir_names()? {
+        for name in names {
             let id = name.to_str().and_then(|s| s.parse::<Id>().ok());
             if id.is_some_and(&known) {
                 continue;
             }
-            if let Some(p) = self.discard_path(&self.snapshots_dir().join(&name), Pins::Unknown)? {
+            if let Some(p) = self.discard_path(&self.snapshots_dir().join(name), Pins::Unknown)? {
                 trashed.push(p);
             }
         }
