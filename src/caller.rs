@@ -46,7 +46,8 @@ impl Caller {
     }
 
     /// Reads the caller's binary, once per binary (blocking: a containerd
-    /// binary is tens of MiB, read in full the first time).
+    /// binary is tens of MiB, streamed through a 1 MiB buffer the first
+    /// time).
     pub fn kind(&self) -> Kind {
         let Some(pid) = self.pid else {
             return Kind::Other;
@@ -76,9 +77,41 @@ impl Caller {
 }
 
 fn kind_of_binary(path: &Path) -> std::io::Result<Kind> {
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?.read_to_end(&mut bytes)?;
-    Ok(kind_of_build_info(&bytes))
+    kind_of_stream(std::fs::File::open(path)?, 1 << 20)
+}
+
+/// Looks for the build info in `chunk`-sized reads, keeping only the end
+/// of the last one, so memory stays bounded whatever the binary's size.
+fn kind_of_stream(mut reader: impl Read, chunk: usize) -> std::io::Result<Kind> {
+    // The marker, and room for the main package's path after it.
+    const TAIL: usize = 512;
+    let mut buf = vec![0u8; chunk + TAIL];
+    let mut kept = 0;
+    loop {
+        let mut end = kept;
+        while end < kept + chunk {
+            match reader.read(&mut buf[end..kept + chunk]) {
+                Ok(0) => break,
+                Ok(n) => end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let eof = end < kept + chunk;
+        if let Some(at) = memchr::memmem::find(&buf[..end], BUILD_INFO_PATH) {
+            // Judge it once its line is surely in the buffer; else the
+            // kept tail carries it into the next round.
+            if eof || at + TAIL <= end {
+                return Ok(kind_of_build_info(&buf[at..end]));
+            }
+        }
+        if eof {
+            return Ok(Kind::Other);
+        }
+        let from = end.saturating_sub(TAIL);
+        buf.copy_within(from..end, 0);
+        kept = end - from;
+    }
 }
 
 /// The kind a binary's build info names: `.../containerd/cmd/containerd`
@@ -123,6 +156,30 @@ mod tests {
         );
         assert_eq!(kind("github.com/example/client"), Kind::Other);
         assert_eq!(kind_of_build_info(b""), Kind::Other);
+    }
+
+    #[test]
+    fn the_build_info_is_found_across_read_boundaries_with_bounded_memory() {
+        let info = b"path\tgithub.com/containerd/containerd/v2/cmd/containerd\nmod\tx\n";
+        // The marker at every offset around the boundaries of small reads.
+        for pad in 0..1500 {
+            let mut bytes = vec![b'x'; pad];
+            bytes.extend_from_slice(info);
+            bytes.extend(std::iter::repeat_n(b'y', 300));
+            let kind = kind_of_stream(&bytes[..], 64).unwrap();
+            assert_eq!(kind, Kind::Containerd(2), "marker at {pad}");
+        }
+        let none = vec![b'z'; 10_000];
+        assert_eq!(kind_of_stream(&none[..], 64).unwrap(), Kind::Other);
+        // A truncated line at the very end still gives an answer.
+        assert_eq!(
+            kind_of_stream(
+                &b"path\tgithub.com/containerd/containerd/cmd/containerd"[..],
+                64
+            )
+            .unwrap(),
+            Kind::Containerd(1)
+        );
     }
 
     #[test]

@@ -102,13 +102,17 @@ impl Watch {
             | libc::FAN_NONBLOCK
             | libc::FAN_UNLIMITED_QUEUE
             | libc::FAN_REPORT_DFID_NAME;
+        // SAFETY: fanotify_init takes only flags and returns a new fd or -1.
         let fd = unsafe { libc::fanotify_init(flags, (libc::O_RDONLY | libc::O_CLOEXEC) as u32) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: fanotify_init just returned this descriptor; nothing else owns it.
         let fanotify = unsafe { OwnedFd::from_raw_fd(fd) };
         let snapshots = std::fs::canonicalize(root.join("snapshots"))?;
         let path = CString::new(snapshots.as_os_str().as_bytes())?;
+        // SAFETY: a live fanotify fd, and a NUL-terminated path that
+        // outlives the call.
         let marked = unsafe {
             libc::fanotify_mark(
                 fanotify.as_raw_fd(),
@@ -217,6 +221,7 @@ impl Inner {
         // and database may well be on it): after this many buffers, stop
         // and count it as an overflow, which walks again but stays exact.
         for _ in 0..64 {
+            // SAFETY: reads at most buf.len() bytes into buf, which is ours.
             let n = unsafe {
                 libc::read(
                     self.fanotify.as_raw_fd(),
@@ -294,6 +299,8 @@ impl Inner {
         raw.extend_from_slice(&(bytes.len() as u32).to_ne_bytes());
         raw.extend_from_slice(handle_type);
         raw.extend_from_slice(bytes);
+        // SAFETY: raw is a struct file_handle whose handle_bytes matches the
+        // bytes after it, and it outlives the call.
         let fd = unsafe {
             libc::open_by_handle_at(
                 self.mount.as_raw_fd(),
@@ -304,6 +311,8 @@ impl Inner {
         if fd < 0 {
             return None;
         }
+        // SAFETY: open_by_handle_at just returned this descriptor; nothing
+        // else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
     }
