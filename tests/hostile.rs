@@ -80,11 +80,13 @@ async fn adversarial_requests_get_contract_statuses_and_leave_a_consistent_root(
     let d = Daemon::start_with_bases("").await;
     let mut c = d.client().await;
 
-    // Keys: empty is refused; huge, odd and unicode ones are just keys.
+    // Keys: empty and huge are refused; odd and unicode ones, up to the
+    // limit, are just keys.
     refused(c.prepare("", "").await, "empty key");
+    refused(c.prepare(&"x".repeat(1 << 20), "").await, "1 MiB key");
     refused(c.prepare("k", "no-such-parent").await, "missing parent");
     for key in [
-        "x".repeat(1 << 20),
+        "x".repeat(4096),
         "\u{0}".into(),
         "../../etc".into(),
         "😀 / \\ ,:".into(),
@@ -94,11 +96,17 @@ async fn adversarial_requests_get_contract_statuses_and_leave_a_consistent_root(
         c.remove(&key).await.unwrap();
     }
 
-    // Labels: 10k of them pass; one over the size limit is refused.
-    let many: HashMap<String, String> =
-        (0..10_000).map(|i| (format!("l{i}"), "v".into())).collect();
-    c.prepare_with("many", "", many).await.unwrap();
-    assert_eq!(c.stat("many").await.unwrap().labels.len(), 10_000);
+    // Labels: 512 of them pass, 10k are refused; one over the size limit
+    // is refused.
+    let many = |n: usize| -> HashMap<String, String> {
+        (0..n).map(|i| (format!("l{i}"), "v".into())).collect()
+    };
+    c.prepare_with("many", "", many(512)).await.unwrap();
+    assert_eq!(c.stat("many").await.unwrap().labels.len(), 512);
+    refused(
+        c.prepare_with("too-many", "", many(10_000)).await,
+        "10k labels",
+    );
     refused(
         c.prepare_with("big", "", labels(&[("k", &"v".repeat(5000))]))
             .await,
