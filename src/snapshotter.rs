@@ -562,7 +562,12 @@ impl Snapshotter {
                     .and_then(|dir| {
                         self.layout.pin_base(snap.id, dir.as_fd())?;
                         if snap.parent.is_empty() {
-                            base::copy_root_attributes(dir.as_fd(), &self.layout.fs(snap.id))?;
+                            let fs = self.layout.fs(snap.id);
+                            base::copy_root_attributes(dir.as_fd(), &fs)?;
+                            // Durable before the answer. A power cut between
+                            // the COMMIT and here still leaves the old mode
+                            // and owner on the root: nothing redoes them.
+                            std::fs::File::open(&fs)?.sync_all()?;
                         }
                         Ok(())
                     }),

@@ -125,6 +125,9 @@ async fn a_base_set_by_update_takes_effect_at_the_next_mounts() {
     let mut c = d.client().await;
     let mounts = c.prepare("k", "").await.unwrap();
     assert_eq!(mounts[0].r#type, "bind");
+    // The root the merged tree shows comes from the base, set by Update too.
+    std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::chown(&host, Some(1234), Some(5678)).unwrap();
 
     // As `ctr snapshots label KEY containerd.io/snapshot/ontop.base=...` does.
     let info = api::Info {
@@ -137,6 +140,12 @@ async fn a_base_set_by_update_takes_effect_at_the_next_mounts() {
         .await
         .unwrap();
     assert_eq!(st.labels.get(BASE_LABEL).map(String::as_str), host.to_str());
+    let root = std::fs::metadata(d.root.join("snapshots/1/fs")).unwrap();
+    assert_eq!(
+        (root.mode() & 0o7777, root.uid(), root.gid()),
+        (0o750, 1234, 5678),
+        "the upper's root takes the base's mode and owner at Update"
+    );
 
     let mounts = c.mounts("k").await.unwrap();
     assert_eq!(mounts[0].r#type, common::layered());
