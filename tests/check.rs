@@ -168,4 +168,8 @@ async fn start_up_sets_rows_against_directories_and_says_what_is_lost() {
             .any(|l| l.contains("\"lost\"") && l.contains("lost its tree")),
         "{text}"
     );
+    // The way out the docs give: remove it; the root is whole again.
+    c.remove("lost").await.unwrap();
+    let (out, text) = check(&["--address", &sock]);
+    assert!(out.status.success(), "{text}");
 }
