@@ -303,16 +303,19 @@ fn bind_socket(path: &Path) -> anyhow::Result<(UnixListener, u64)> {
     }
     // Bound in a private (0700) directory beside it, given its mode there,
     // then renamed into place: the socket is never reachable with the
-    // mode bind gives it (0777 less the umask).
+    // mode bind gives it (0777 less the umask). The staged path is no
+    // longer than `DIR/ontop.sock`, within sun_path's 108 bytes wherever
+    // the default name fits.
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let staging = tempfile::Builder::new()
-        .prefix(".ontop-bind-")
+        .prefix(".o")
+        .rand_bytes(6)
         .tempdir_in(dir)
         .with_context(|| format!("creating a private directory in {}", dir.display()))?;
-    let staged = staging.path().join("socket");
+    let staged = staging.path().join("s");
     let listener = UnixListener::bind(&staged)
         .with_context(|| format!("binding socket {}", path.display()))?;
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
