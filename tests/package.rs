@@ -11,27 +11,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
+
+use common::stdout_of;
 use std::time::{Duration, Instant};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// Where the installed config puts the root and the socket.
 const DATA_ROOT: &str = "/var/lib/containerd/io.containerd.snapshotter.v1.ontop";
 const SOCKET: &str = "/run/ontop/ontop.sock";
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn installed() -> bool {
     Command::new("dpkg-query")
@@ -40,11 +28,14 @@ fn installed() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("ok installed"))
 }
 
-fn apt_get(args: &[&str]) -> Output {
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["-y", "-q"])
-        .args(args))
+fn apt_get(args: &[&str]) {
+    stdout_of(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-y", "-q"])
+            .args(args),
+        &format!("apt-get {}", args.join(" ")),
+    );
 }
 
 /// Purges the package and stops the daemon when the test ends, however it
@@ -77,9 +68,12 @@ impl Drop for Installed {
 /// cargo holds the usual one while tests run.
 fn build_package() -> PathBuf {
     let target = Path::new(ROOT).join("target/package");
-    run(Command::new("bash")
-        .arg(Path::new(ROOT).join("scripts/package.sh"))
-        .env("CARGO_TARGET_DIR", &target));
+    stdout_of(
+        Command::new("bash")
+            .arg(Path::new(ROOT).join("scripts/package.sh"))
+            .env("CARGO_TARGET_DIR", &target),
+        "scripts/package.sh",
+    );
     let debs: Vec<PathBuf> = std::fs::read_dir(target.join("debian"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -115,7 +109,7 @@ fn the_package_installs_serves_and_purges_cleanly() {
     };
 
     apt_get(&["install", deb.to_str().unwrap()]);
-    let listed = String::from_utf8(run(Command::new("dpkg").args(["-L", "ontop"])).stdout).unwrap();
+    let listed = stdout_of(Command::new("dpkg").args(["-L", "ontop"]), "dpkg -L ontop");
     let files: Vec<&Path> = listed
         .lines()
         .map(Path::new)
@@ -146,18 +140,21 @@ fn the_package_installs_serves_and_purges_cleanly() {
         "/etc/ontop/config.toml",
         "the config is a conffile"
     );
-    let status = String::from_utf8(run(Command::new("dpkg").args(["-s", "ontop"])).stdout).unwrap();
+    let status = stdout_of(Command::new("dpkg").args(["-s", "ontop"]), "dpkg -s ontop");
     assert!(status.contains("Recommends: containerd"), "{status}");
 
     // The units, as installed: valid, and enabled the Debian way.
-    let out = run(Command::new("systemd-analyze").args([
-        "verify",
-        "/usr/lib/systemd/system/ontop.socket",
-        "/usr/lib/systemd/system/ontop.service",
-    ]));
+    let out = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "/usr/lib/systemd/system/ontop.socket",
+            "/usr/lib/systemd/system/ontop.service",
+        ])
+        .output()
+        .expect("systemd-analyze (package systemd)");
     let complaints = String::from_utf8_lossy(&out.stderr);
     assert!(
-        complaints.trim().is_empty(),
+        out.status.success() && complaints.trim().is_empty(),
         "systemd-analyze verify:\n{complaints}"
     );
     for link in [
@@ -190,8 +187,11 @@ fn the_package_installs_serves_and_purges_cleanly() {
         String::from_utf8_lossy(&ping.stderr)
     );
     assert!(Path::new(DATA_ROOT).join("metadata.db").is_file());
-    let out = run(Command::new("/usr/bin/ontop").args(["bench", "--help"]));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ontop-bench"));
+    let help = stdout_of(
+        Command::new("/usr/bin/ontop").args(["bench", "--help"]),
+        "ontop bench --help",
+    );
+    assert!(help.contains("ontop-bench"));
     let mut daemon = guard.daemon.take().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.id() as i32),
