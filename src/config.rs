@@ -37,6 +37,8 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     pub async_remove: bool,
+    /// Commit makes the layer's data durable before it answers.
+    pub sync_layers: bool,
     pub mount_options: Vec<String>,
     /// Directories host base directories may come from; empty turns the
     /// feature off.
@@ -103,6 +105,7 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
     pub async_remove: Option<bool>,
+    pub sync_layers: Option<bool>,
     pub mount_options: Option<Vec<String>>,
     pub base_roots: Option<Vec<PathBuf>>,
     pub remap_ids: Option<bool>,
@@ -234,6 +237,7 @@ impl Config {
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Text),
             async_remove: file.async_remove.unwrap_or(false),
+            sync_layers: file.sync_layers.unwrap_or(true),
             mount_options: file.mount_options.unwrap_or_default(),
             base_roots: file.base_roots.unwrap_or_default(),
             remap_ids: file.remap_ids.unwrap_or(true),
@@ -386,6 +390,7 @@ mod tests {
         assert_eq!(c.log_level, "info");
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(!c.async_remove);
+        assert!(c.sync_layers);
         assert!(c.mount_options.is_empty());
         assert!(c.remap_ids);
     }
@@ -397,6 +402,7 @@ mod tests {
                address = "/run/a.sock"
                log_format = "json"
                async_remove = true
+               sync_layers = false
                mount_options = ["metacopy=off"]"#,
         )
         .unwrap();
@@ -409,6 +415,7 @@ mod tests {
         assert_eq!(c.address, PathBuf::from("/run/a.sock"));
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(c.async_remove);
+        assert!(!c.sync_layers);
         assert_eq!(c.mount_options, ["metacopy=off"]);
     }
 

@@ -90,6 +90,13 @@ impl Layout {
         self.snapshot_dir(id).join("fs")
     }
 
+    /// Writes back everything dirty on the filesystem that holds `id`'s
+    /// upper (syncfs(2)), so the layer's data survives a power cut.
+    pub fn sync_filesystem(&self, id: Id) -> io::Result<()> {
+        let fs = File::open(self.fs(id))?;
+        nix::unistd::syncfs(&fs).map_err(io::Error::from)
+    }
+
     pub fn work(&self, id: Id) -> PathBuf {
         self.snapshot_dir(id).join("work")
     }

@@ -58,6 +58,7 @@ impl Core {
         let opts = Options {
             root: config.root.clone(),
             async_remove: config.async_remove,
+            sync_layers: config.sync_layers,
             overlay,
             base_roots: config.base_roots.clone(),
             remap_ids: config.remap_ids,

@@ -102,4 +102,34 @@ async fn prepare_commit_and_remove_of_plain_snapshots_make_no_pointless_syscalls
     // snapshot's directory and snapshots/ (serial calls: one batch each);
     // and each of the three calls' COMMITs syncs SQLite's WAL once.
     assert_eq!(count("fsync"), 4 * N + 3 * N, "{calls:?}");
+    // Each Commit writes its layer's data back with one syncfs, outside
+    // the write lock (docs/guarantees.md).
+    assert_eq!(count("syncfs"), N, "{calls:?}");
+}
+
+/// Commits that skip the layer sync: the config's switch turns it off for
+/// all, the volatile label for one snapshot.
+async fn syncfs_calls_for(config: &str, labels: &[(&str, &str)]) -> u64 {
+    let daemon = Daemon::start_with_config(config).await;
+    let mut client = daemon.client().await;
+    client.prepare("warm", "").await.unwrap();
+    let labels: HashMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let counter = Counter::attach(daemon.pid()).await;
+    for i in 0..5 {
+        let (key, name) = (format!("active-{i}"), format!("layer-{i}"));
+        client.prepare_with(&key, "", labels.clone()).await.unwrap();
+        client.commit(&name, &key).await.unwrap();
+    }
+    counter.finish().get("syncfs").copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn commit_skips_the_layer_sync_when_configured_off_or_volatile() {
+    common::require_root();
+    assert_eq!(syncfs_calls_for("sync_layers = false", &[]).await, 0);
+    let volatile = [("containerd.io/snapshot/ontop.volatile", "true")];
+    assert_eq!(syncfs_calls_for("", &volatile).await, 0);
 }
