@@ -15,10 +15,13 @@ install_build_deps
 # Prometheus server and promtool (prometheus); the syscall counts, strace;
 # containerd's own snapshotter testsuite, Go and containerd 1.6's source;
 # the vendored h2's check (tests/h2_patch.rs), patch; the Debian package's
-# test, dpkg-dev and cargo-deb (from crates.io).
+# test, dpkg-dev and cargo-deb (from crates.io); the power-cut test, qemu,
+# Debian's kernel, cpio for the guest's initramfs, and mkfs for xfs and
+# btrfs (tests/powercut).
 apt_install util-linux passwd e2fsprogs containerd runc busybox-static tar coreutils fuse-overlayfs fuse3 \
   python3 python3-venv docker-registry skopeo systemd prometheus strace \
-  golang-go golang-github-containerd-containerd-dev patch dpkg-dev
+  golang-go golang-github-containerd-containerd-dev patch dpkg-dev \
+  qemu-system-x86 linux-image-amd64 cpio xfsprogs btrfs-progs
 install_cargo_deb
 require_overlayfs
 require_fuse

@@ -489,6 +489,9 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Durable at the answer: the row's deletion, by the batch's COMMIT.
+    /// The directory goes afterwards and needs no sync: a power cut first
+    /// leaves a directory without a row, which start-up clears.
     pub fn remove(&self, key: &str) -> Result<()> {
         let (id, pins) = self.store.write(|tx| {
             let rec = tx.require(key)?;

@@ -260,6 +260,15 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon on an existing root, such as one a test restored
+    /// from a disk image.
+    pub async fn start_on_root(root: &Path) -> Daemon {
+        let mut d = Daemon::prepared(|_| String::new());
+        d.root = root.to_path_buf();
+        d.spawn().await;
+        d
+    }
+
     /// A daemon's test directory, with its config file written from
     /// `config`, and nothing started yet.
     fn prepared(config: impl FnOnce(&Path) -> String) -> Daemon {
