@@ -416,6 +416,15 @@ impl NewSnapshotDir {
         self.path().join("fs")
     }
 
+    /// Makes the new tree durable before it is renamed into place: `fs/`,
+    /// whose mode was set after its mkdir, then the directory holding the
+    /// entries of `fs/` and `work/`. `work/` is empty and made with its
+    /// mode: the entry is what must last, and its parent's fsync keeps it.
+    pub fn sync(&self) -> io::Result<()> {
+        File::open(self.fs())?.sync_all()?;
+        File::open(self.path())?.sync_all()
+    }
+
     /// Pins the host base, opened with [`pin::open_dir`], before the
     /// directory is installed.
     pub fn pin_base(&self, base: BorrowedFd<'_>) -> io::Result<()> {

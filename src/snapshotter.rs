@@ -240,6 +240,9 @@ impl Snapshotter {
             .layout
             .new_snapshot_dir(kind)
             .context("creating snapshot directory")?;
+        // Outside the write lock, so concurrent Prepares sync their trees
+        // at once rather than one after another in the batch.
+        dir.sync().context("syncing the new snapshot directory")?;
         let installed: Cell<Option<Id>> = Cell::new(None);
         let result = self.store.write(|tx| {
             // containerd checks the parent before the key.
@@ -307,18 +310,14 @@ impl Snapshotter {
                 .install(dir, id)
                 .with_context(|| format!("moving snapshot {id} into place"))?;
             installed.set(Some(id));
-            // The acknowledged row must not outlive a power cut that its
-            // tree does not: the new directories and their entry in
-            // snapshots/ are synced before the batch commits (snapshots/
-            // once for the whole batch).
-            let mut durable = vec![self.layout.fs(id), self.layout.snapshot_dir(id)];
-            if kind == Kind::Active {
-                durable.push(self.layout.work(id));
+            // Durable at the answer: the row, and the tree it points at.
+            // The tree was synced before the lock; its entry in snapshots/
+            // (once for the whole batch) and the root's owner, if changed
+            // here, are synced before the batch commits.
+            if parent_id.is_some() || pinned.is_some() || mapped_root.is_some() {
+                tx.sync_before_commit(self.layout.fs(id));
             }
-            durable.push(self.layout.snapshots_dir());
-            for d in durable {
-                tx.sync_before_commit(d);
-            }
+            tx.sync_before_commit(self.layout.snapshots_dir());
             Ok(layers)
         });
         match result {

@@ -98,10 +98,11 @@ async fn prepare_commit_and_remove_of_plain_snapshots_make_no_pointless_syscalls
     assert_eq!(count("umount2"), 0, "{calls:?}");
     // Temporary names do not ask the kernel for the pid every time.
     assert_eq!(count("getpid"), 0, "{calls:?}");
-    // Each Prepare makes its tree durable before its row: fs, work, the
-    // snapshot's directory and snapshots/ (serial calls: one batch each);
-    // and each of the three calls' COMMITs syncs SQLite's WAL once.
-    assert_eq!(count("fsync"), 4 * N + 3 * N, "{calls:?}");
+    // Each Prepare makes its tree durable before its row: fs and the
+    // snapshot's directory before the write lock, snapshots/ in the batch
+    // (serial calls: one batch each); and each of the three calls'
+    // COMMITs syncs SQLite's WAL once.
+    assert_eq!(count("fsync"), 3 * N + 3 * N, "{calls:?}");
     // Each Commit writes its layer's data back with one syncfs, outside
     // the write lock (docs/guarantees.md).
     assert_eq!(count("syncfs"), N, "{calls:?}");
