@@ -34,8 +34,10 @@ pub enum Problem {
     OrphanDir(String),
     /// Left in `tmp/` or `trash/` by a crash.
     Leftover(PathBuf),
-    /// A snapshot whose tree (`fs`) is gone: its data is lost.
-    MissingTree { id: Id, key: String },
+    /// A snapshot whose tree (`fs`) is gone: its data is lost. A view's
+    /// or an active snapshot's can be made again, empty, over its
+    /// parents; a committed one's cannot.
+    MissingTree { id: Id, key: String, kind: Kind },
     /// An active snapshot without its overlay work dir.
     MissingWork { id: Id, key: String },
     /// The base pin holds a directory that is no longer at the base's path.
@@ -51,16 +53,18 @@ pub enum Problem {
 }
 
 impl Problem {
-    /// Whether `ontop check --repair` can fix it without losing data.
+    /// Whether `ontop check --repair` can fix it without losing more than
+    /// is lost already.
     pub fn repairable(&self) -> bool {
-        matches!(
-            self,
+        match self {
+            Problem::MissingTree { kind, .. } => *kind != Kind::Committed,
+            Problem::Database(_) | Problem::MissingBase { .. } => false,
             Problem::OrphanDir(_)
-                | Problem::Leftover(_)
-                | Problem::MissingWork { .. }
-                | Problem::StaleBasePin { .. }
-                | Problem::StrayBasePin { .. }
-        )
+            | Problem::Leftover(_)
+            | Problem::MissingWork { .. }
+            | Problem::StaleBasePin { .. }
+            | Problem::StrayBasePin { .. } => true,
+        }
     }
 }
 
@@ -72,11 +76,24 @@ impl fmt::Display for Problem {
                 write!(f, "snapshots/{name} belongs to no snapshot")
             }
             Problem::Leftover(p) => write!(f, "{} was left by a crash", p.display()),
-            Problem::MissingTree { id, key } => write!(
-                f,
-                "snapshot {key:?} (id {id}) has lost its tree snapshots/{id}/fs; \
-                 remove the snapshot and pull or rebuild what used it"
-            ),
+            Problem::MissingTree { id, key, kind } => match kind {
+                Kind::Committed => write!(
+                    f,
+                    "committed snapshot {key:?} (id {id}) has lost its tree snapshots/{id}/fs, \
+                     which cannot be made again: remove it and what is built on it, and pull \
+                     or rebuild the image"
+                ),
+                Kind::Active => write!(
+                    f,
+                    "active snapshot {key:?} (id {id}) has lost its tree snapshots/{id}/fs, and \
+                     what was written in it; --repair makes it again, empty over its parents"
+                ),
+                Kind::View => write!(
+                    f,
+                    "view {key:?} (id {id}) has lost its tree snapshots/{id}/fs; --repair \
+                     makes it again (a view holds nothing of its own)"
+                ),
+            },
             Problem::MissingWork { id, key } => {
                 write!(f, "active snapshot {key:?} (id {id}) has no work dir")
             }
@@ -137,13 +154,19 @@ pub fn run(
         for (rec, _) in &all {
             let (id, key) = (rec.id, rec.key.clone());
             if !layout.fs(id).is_dir() {
-                findings.push(Finding {
-                    problem: Problem::MissingTree {
-                        id,
-                        key: key.clone(),
-                    },
-                    repaired: false,
-                });
+                let problem = Problem::MissingTree {
+                    id,
+                    key: key.clone(),
+                    kind: rec.kind,
+                };
+                let repaired = repair
+                    && problem.repairable()
+                    && recreate_tree(layout, rec)
+                        .inspect_err(|e| {
+                            tracing::warn!(id, error = %format!("{e:#}"), "could not make the lost tree again")
+                        })
+                        .is_ok();
+                findings.push(Finding { problem, repaired });
                 continue;
             }
             if rec.kind == Kind::Active && !layout.work(id).is_dir() {
@@ -225,6 +248,23 @@ pub fn at_start(layout: &Layout, store: &Store) -> Result<Reconciled> {
         Ok(())
     })?;
     Ok(found)
+}
+
+/// Makes a lost tree again, empty: the root takes the owner of the
+/// parent's root, or of the base's, as Prepare gives it.
+fn recreate_tree(layout: &Layout, rec: &Record) -> anyhow::Result<()> {
+    layout.recreate_tree(rec.id, rec.kind)?;
+    let fs = layout.fs(rec.id);
+    if let Some(pid) = rec.parent_id {
+        // A parent that lost its tree too has no owner to give.
+        if let Ok((uid, gid)) = layout.owner(pid) {
+            std::os::unix::fs::chown(&fs, Some(uid), Some(gid))?;
+        }
+    } else if let Some(b) = &rec.base {
+        let dir = base::open_resolved(b)?;
+        base::copy_root_attributes(dir.as_fd(), &fs)?;
+    }
+    Ok(())
 }
 
 /// The base of `rec`: reachable, and pinned only where a pin belongs.

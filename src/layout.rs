@@ -374,6 +374,24 @@ impl Layout {
 
     /// Creates an active snapshot's overlay work dir again (it holds no
     /// data between mounts).
+    /// Makes `snapshots/<id>/fs` (and `work`, for an active snapshot)
+    /// again, empty, for `ontop check --repair`.
+    pub fn recreate_tree(&self, id: Id, kind: Kind) -> io::Result<()> {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(self.snapshot_dir(id))
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })?;
+        fs::create_dir(self.fs(id))?;
+        fs::set_permissions(self.fs(id), fs::Permissions::from_mode(0o755))?;
+        if kind == Kind::Active && !self.work(id).is_dir() {
+            self.recreate_work(id)?;
+        }
+        Ok(())
+    }
+
     pub fn recreate_work(&self, id: Id) -> io::Result<()> {
         fs::DirBuilder::new().mode(0o711).create(self.work(id))
     }

@@ -54,13 +54,14 @@ async fn damage_is_found_the_safe_part_repaired_and_the_rest_named() {
         "{text}"
     );
 
-    // The damage: an orphan directory, a lost work dir, a lost tree, a
-    // base replaced by a new directory under its pin, a stray base dir,
-    // and a host base gone.
+    // The damage: an orphan directory, a lost work dir, the lost trees of
+    // an active snapshot and of a committed one, a base replaced by a new
+    // directory under its pin, a stray base dir, and a host base gone.
     let snaps = d.root.join("snapshots");
     fs::create_dir_all(snaps.join("999/fs")).unwrap();
     fs::remove_dir(snaps.join("1/work")).unwrap();
-    fs::remove_dir_all(snaps.join("3/fs")).unwrap();
+    fs::remove_dir_all(snaps.join("3")).unwrap();
+    fs::remove_dir_all(snaps.join("2/fs")).unwrap();
     fs::rename(&host, d.hosts().join("tree-old")).unwrap();
     fs::create_dir(&host).unwrap();
     fs::create_dir(snaps.join("1/base")).unwrap();
@@ -68,17 +69,20 @@ async fn damage_is_found_the_safe_part_repaired_and_the_rest_named() {
 
     let (out, text) = check(&["--address", &sock]);
     assert!(!out.status.success(), "{text}");
-    assert_eq!(
-        lines_with(&text, "repairable with --repair").len(),
-        4,
-        "{text}"
+    let repairable = lines_with(&text, "repairable with --repair");
+    assert_eq!(repairable.len(), 5, "{text}");
+    assert!(
+        repairable.iter().any(|l| l.contains("\"child\"")
+            && l.contains("what was written in it")
+            && l.contains("empty over its parents")),
+        "an active snapshot's lost tree can be made again, and check says what is lost: {text}"
     );
     let person = lines_with(&text, "needs a person");
     assert_eq!(person.len(), 2, "{text}");
     assert!(
         person
             .iter()
-            .any(|l| l.contains("\"child\"") && l.contains("lost its tree")),
+            .any(|l| l.contains("\"layer\"") && l.contains("cannot be made again")),
         "{text}"
     );
     assert!(
@@ -93,9 +97,15 @@ async fn damage_is_found_the_safe_part_repaired_and_the_rest_named() {
         !out.status.success(),
         "what needs a person is still there: {text}"
     );
-    assert_eq!(lines_with(&text, "repaired").len(), 4, "{text}");
+    assert_eq!(lines_with(&text, "repaired").len(), 5, "{text}");
     assert!(!snaps.join("999").exists());
     assert!(snaps.join("1/work").is_dir());
+    assert!(snaps.join("3/fs").is_dir() && snaps.join("3/work").is_dir());
+    assert_eq!(fs::read_dir(snaps.join("3/fs")).unwrap().count(), 0);
+    assert!(
+        !snaps.join("2/fs").exists(),
+        "a committed tree is never faked"
+    );
     assert_eq!(
         ontop::pin::identity_at(&snaps.join("4/base")).unwrap(),
         ontop::pin::identity_at(&host).unwrap(),
@@ -158,17 +168,20 @@ async fn start_up_sets_rows_against_directories_and_says_what_is_lost() {
     assert_eq!(fs::read_dir(d.root.join("trash")).unwrap().count(), 0);
     let mut c = d.client().await;
     c.mounts("kept").await.unwrap();
-    // What is lost stays listed for a person: check names it.
+    // What is lost stays listed: check names it, and what was lost with it.
     let sock = d.socket.to_str().unwrap().to_string();
     let (out, text) = check(&["--address", &sock]);
     assert!(!out.status.success(), "{text}");
     assert!(
-        lines_with(&text, "needs a person")
+        lines_with(&text, "repairable with --repair")
             .iter()
-            .any(|l| l.contains("\"lost\"") && l.contains("lost its tree")),
+            .any(|l| {
+                l.contains("\"lost\"") && l.contains("lost its tree") && l.contains("written in it")
+            }),
         "{text}"
     );
-    // The way out the docs give: remove it; the root is whole again.
+    // The way out the docs give for an active snapshot: remove it (or
+    // have --repair make it again, empty); the root is whole again.
     c.remove("lost").await.unwrap();
     let (out, text) = check(&["--address", &sock]);
     assert!(out.status.success(), "{text}");
