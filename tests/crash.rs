@@ -13,6 +13,9 @@
 //! resolved by asking the restarted daemon, and then held to that answer.
 //!
 //! `ONTOP_SOAK=N` runs N times as many operations and kills.
+//!
+//! Kills also land in group-commit batches of several clients, in a
+//! Cleanup reclaiming async removals, and in `ontop check --repair`.
 
 mod common;
 
@@ -326,4 +329,174 @@ async fn acknowledged_work_survives_sigkill_at_random_moments() {
     );
     assert_eq!(common::tree_state(&host), host_before);
     assert!(kills >= 10 * soak, "only {kills} kills");
+}
+
+/// A committed layer holding one file of its own bytes.
+async fn committed_layer(c: &mut Client, name: &str) -> Result<(), tonic::Status> {
+    let key = format!("{name}-active");
+    let mounts = c.prepare(&key, "").await?;
+    std::fs::write(upper(&mounts).join("file"), name.as_bytes()).unwrap();
+    c.commit(name, &key).await
+}
+
+/// Every layer in `names` is there with its bytes, and after Cleanup
+/// `ontop check` finds the root whole.
+async fn verify_layers<'a>(d: &Daemon, names: impl IntoIterator<Item = &'a String>) {
+    let mut c = d.client().await;
+    let mut admin = d.admin().await;
+    for name in names {
+        let path = admin
+            .info(ontop::admin::v1::InfoRequest { key: name.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("{name} is lost: {e}"))
+            .into_inner()
+            .path;
+        let bytes = std::fs::read(std::path::Path::new(&path).join("fs/file")).unwrap();
+        assert_eq!(bytes, name.as_bytes(), "{name}");
+    }
+    c.cleanup().await.unwrap();
+    d.assert_consistent();
+}
+
+fn sigkill_after(pid: u32, delay: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_clients_lose_nothing_acknowledged_when_a_batch_is_killed() {
+    // Eight connections at once fill group-commit batches of several
+    // calls: a kill lands in a batch, whose calls are all or nothing.
+    let mut d = Daemon::start().await;
+    let mut acked: Vec<String> = Vec::new();
+    for round in 0..6 {
+        let killer = sigkill_after(d.pid(), Duration::from_millis(fastrand::u64(50..300)));
+        let mut clients = Vec::new();
+        for client in 0..8 {
+            let mut c = d.client().await;
+            clients.push(tokio::spawn(async move {
+                let mut done = Vec::new();
+                for n in 0.. {
+                    let name = format!("r{round}-c{client}-{n}");
+                    match committed_layer(&mut c, &name).await {
+                        Ok(()) => done.push(name),
+                        Err(s) if killed(&s) => return done,
+                        Err(s) => panic!("{name}: {s}"),
+                    }
+                }
+                unreachable!()
+            }));
+        }
+        for c in clients {
+            acked.extend(c.await.unwrap());
+        }
+        eprintln!("round {round}: {} layers acknowledged so far", acked.len());
+        killer.await.unwrap();
+        d.reap();
+        d.spawn().await;
+        verify_layers(&d, &acked).await;
+    }
+    assert!(acked.len() > 48, "only {} layers committed", acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_cleanup_after_async_removes_loses_nothing() {
+    let mut d = Daemon::start_with_config("async_remove = true").await;
+    let mut c = d.client().await;
+    let kept: Vec<String> = (0..20).map(|i| format!("kept-{i}")).collect();
+    for name in &kept {
+        committed_layer(&mut c, name).await.unwrap();
+    }
+    for round in 0..4 {
+        // Removed rows whose directories wait for Cleanup.
+        for i in 0..150 {
+            let name = format!("gone-{round}-{i}");
+            committed_layer(&mut c, &name).await.unwrap();
+            c.remove(&name).await.unwrap();
+        }
+        let killer = sigkill_after(d.pid(), Duration::from_millis(fastrand::u64(0..30)));
+        let cut = c.cleanup().await;
+        assert!(cut.as_ref().map_or_else(killed, |_| true), "{cut:?}");
+        eprintln!(
+            "round {round}: Cleanup {}",
+            if cut.is_ok() {
+                "finished before the kill"
+            } else {
+                "cut off"
+            }
+        );
+        killer.await.unwrap();
+        d.reap();
+        d.spawn().await;
+        c = d.client().await;
+        let mut listed = c.list(&[]).await.unwrap();
+        listed.sort();
+        let mut want = kept.clone();
+        want.sort();
+        assert_eq!(listed, want, "removed stays removed, kept stays");
+        verify_layers(&d, &kept).await;
+        assert_eq!(
+            std::fs::read_dir(d.root.join("snapshots")).unwrap().count(),
+            kept.len(),
+            "Cleanup reclaimed every removed directory"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_check_repair_loses_nothing() {
+    let mut d = Daemon::start().await;
+    let mut c = d.client().await;
+    let kept: Vec<String> = (0..20).map(|i| format!("kept-{i}")).collect();
+    for name in &kept {
+        committed_layer(&mut c, name).await.unwrap();
+    }
+    for round in 0..4 {
+        // Orphans for the repair to delete, each with files in it.
+        for i in 0..200 {
+            let orphan = d
+                .root
+                .join(format!("snapshots/{}/fs/d", 10_000 + round * 1000 + i));
+            std::fs::create_dir_all(&orphan).unwrap();
+            for f in 0..5 {
+                std::fs::write(orphan.join(f.to_string()), "orphan").unwrap();
+            }
+        }
+        let repair = std::process::Command::new(common::BIN)
+            .args(["check", "--repair", "--address"])
+            .arg(&d.socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..40)));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(d.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        // Whatever it says: its daemon died under it.
+        let out = repair.wait_with_output().unwrap();
+        let left = std::fs::read_dir(d.root.join("snapshots")).unwrap().count() - kept.len();
+        eprintln!(
+            "round {round}: check --repair exited {}, {left} orphans left",
+            out.status
+        );
+        d.reap();
+        d.spawn().await;
+        c = d.client().await;
+        let mut listed = c.list(&[]).await.unwrap();
+        listed.sort();
+        let mut want = kept.clone();
+        want.sort();
+        assert_eq!(listed, want);
+        verify_layers(&d, &kept).await;
+        assert_eq!(
+            std::fs::read_dir(d.root.join("snapshots")).unwrap().count(),
+            kept.len(),
+            "start-up and Cleanup cleared the orphans the repair did not reach"
+        );
+    }
 }
