@@ -90,13 +90,6 @@ impl Layout {
         self.snapshot_dir(id).join("fs")
     }
 
-    /// Writes back everything dirty on the filesystem that holds `id`'s
-    /// upper (syncfs(2)), so the layer's data survives a power cut.
-    pub fn sync_filesystem(&self, id: Id) -> io::Result<()> {
-        let fs = File::open(self.fs(id))?;
-        nix::unistd::syncfs(&fs).map_err(io::Error::from)
-    }
-
     pub fn work(&self, id: Id) -> PathBuf {
         self.snapshot_dir(id).join("work")
     }
@@ -271,11 +264,19 @@ impl Layout {
     pub fn new_snapshot_dir(&self, kind: Kind) -> io::Result<NewSnapshotDir> {
         let path = self.tmp_dir().join(unique_name("new"));
         fs::DirBuilder::new().mode(0o700).create(&path)?;
-        let dir = NewSnapshotDir { path: Some(path) };
+        let mut dir = NewSnapshotDir {
+            path: Some(path),
+            fs_chmodded: false,
+        };
         let fs_dir = dir.fs();
-        fs::create_dir(&fs_dir)?;
-        // Explicit chmod: the umask must not decide the container's root mode.
-        fs::set_permissions(&fs_dir, fs::Permissions::from_mode(0o755))?;
+        fs::DirBuilder::new().mode(0o755).create(&fs_dir)?;
+        // The umask must not decide the container's root mode. Most
+        // umasks leave 0755 whole, and then the mode needs no chmod, and
+        // no fsync of its own (see `NewSnapshotDir::sync`).
+        if fs::metadata(&fs_dir)?.permissions().mode() & 0o7777 != 0o755 {
+            fs::set_permissions(&fs_dir, fs::Permissions::from_mode(0o755))?;
+            dir.fs_chmodded = true;
+        }
         if kind == Kind::Active {
             fs::DirBuilder::new()
                 .mode(0o711)
@@ -423,6 +424,8 @@ pub struct RootLock {
 /// A snapshot directory under construction in `tmp/`.
 pub struct NewSnapshotDir {
     path: Option<PathBuf>,
+    /// `fs/` got its mode from a chmod after its mkdir.
+    fs_chmodded: bool,
 }
 
 impl NewSnapshotDir {
@@ -434,12 +437,15 @@ impl NewSnapshotDir {
         self.path().join("fs")
     }
 
-    /// Makes the new tree durable before it is renamed into place: `fs/`,
-    /// whose mode was set after its mkdir, then the directory holding the
-    /// entries of `fs/` and `work/`. `work/` is empty and made with its
-    /// mode: the entry is what must last, and its parent's fsync keeps it.
+    /// Makes the new tree durable before it is renamed into place: the
+    /// directory holding the entries of `fs/` and `work/`, and `fs/` first
+    /// if a chmod changed it after its mkdir. Both are empty and made with
+    /// their mode: the entry is what must last, and its parent's fsync
+    /// keeps it, with the inode it names.
     pub fn sync(&self) -> io::Result<()> {
-        File::open(self.fs())?.sync_all()?;
+        if self.fs_chmodded {
+            File::open(self.fs())?.sync_all()?;
+        }
         File::open(self.path())?.sync_all()
     }
 

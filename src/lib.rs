@@ -60,6 +60,7 @@ pub mod server;
 pub mod snapshot;
 pub(crate) mod snapshotter;
 pub(crate) mod store;
+pub(crate) mod syncfs;
 pub(crate) mod systemd;
 pub mod usage;
 pub(crate) mod watch;

@@ -28,6 +28,7 @@ use crate::layout::{self, Layout, Pins};
 use crate::mounts::{self, Layers, Mount, OverlayOptions};
 use crate::snapshot::{Id, Kind, Labels, Snapshot, Timestamp, Usage};
 use crate::store::{NewSnapshot, Record, Store, Tx};
+use crate::syncfs::SyncGroup;
 use crate::watch::Watch;
 
 /// What the core needs to know from the configuration.
@@ -108,6 +109,8 @@ pub struct Snapshotter {
     overlay: OverlayOptions,
     async_remove: bool,
     sync_layers: bool,
+    /// Commits share their syncfs calls (see `crate::syncfs`).
+    layer_syncs: SyncGroup,
     idmaps: IdMapPolicy,
     bases: BasePolicy,
     /// Which uppers changed, so Usage walks only those; none where
@@ -166,6 +169,7 @@ impl Snapshotter {
             overlay: opts.overlay,
             async_remove: opts.async_remove,
             sync_layers: opts.sync_layers,
+            layer_syncs: SyncGroup::default(),
             watch,
             missing_trees: reconciled.missing.len(),
             _lock: lock,
@@ -423,10 +427,10 @@ impl Snapshotter {
             // Durable before the answer: a committed layer that comes back
             // from a power cut with empty or short files is a corrupt image.
             // One syncfs beat an fsync of every file by 10-17x for layers of
-            // small files (docs/guarantees.md), and it runs outside the
-            // write lock, so other calls go on meanwhile.
-            self.layout
-                .sync_filesystem(rec.id)
+            // small files (docs/guarantees.md); it runs outside the write
+            // lock, and Commits waiting at once share one.
+            self.layer_syncs
+                .sync(&self.layout.fs(rec.id))
                 .with_context(|| format!("syncing the data of snapshot {key:?}"))?;
         }
         let unpin = self.store.write(|tx| {
