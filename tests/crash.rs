@@ -358,6 +358,32 @@ async fn verify_layers<'a>(d: &Daemon, names: impl IntoIterator<Item = &'a Strin
     d.assert_consistent();
 }
 
+/// Twenty committed layers that must outlive every kill.
+async fn kept_layers(c: &mut Client) -> Vec<String> {
+    let kept: Vec<String> = (0..20).map(|i| format!("kept-{i}")).collect();
+    for name in &kept {
+        committed_layer(c, name).await.unwrap();
+    }
+    kept
+}
+
+/// After a restart: exactly `kept` is listed, with its bytes, and after
+/// Cleanup `snapshots/` holds their directories and nothing else (what
+/// was removed, or orphaned, is reclaimed).
+async fn assert_only(d: &Daemon, c: &mut Client, kept: &[String]) {
+    let mut listed = c.list(&[]).await.unwrap();
+    listed.sort();
+    let mut want = kept.to_vec();
+    want.sort();
+    assert_eq!(listed, want, "removed stays removed, kept stays");
+    verify_layers(d, kept).await;
+    assert_eq!(
+        std::fs::read_dir(d.root.join("snapshots")).unwrap().count(),
+        kept.len(),
+        "no directory is left but the kept layers'"
+    );
+}
+
 fn sigkill_after(pid: u32, delay: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
@@ -406,10 +432,7 @@ async fn eight_clients_lose_nothing_acknowledged_when_a_batch_is_killed() {
 async fn a_kill_during_cleanup_after_async_removes_loses_nothing() {
     let mut d = Daemon::start_with_config("async_remove = true").await;
     let mut c = d.client().await;
-    let kept: Vec<String> = (0..20).map(|i| format!("kept-{i}")).collect();
-    for name in &kept {
-        committed_layer(&mut c, name).await.unwrap();
-    }
+    let kept = kept_layers(&mut c).await;
     for round in 0..4 {
         // Removed rows whose directories wait for Cleanup.
         for i in 0..150 {
@@ -432,17 +455,7 @@ async fn a_kill_during_cleanup_after_async_removes_loses_nothing() {
         d.reap();
         d.spawn().await;
         c = d.client().await;
-        let mut listed = c.list(&[]).await.unwrap();
-        listed.sort();
-        let mut want = kept.clone();
-        want.sort();
-        assert_eq!(listed, want, "removed stays removed, kept stays");
-        verify_layers(&d, &kept).await;
-        assert_eq!(
-            std::fs::read_dir(d.root.join("snapshots")).unwrap().count(),
-            kept.len(),
-            "Cleanup reclaimed every removed directory"
-        );
+        assert_only(&d, &mut c, &kept).await;
     }
 }
 
@@ -450,10 +463,7 @@ async fn a_kill_during_cleanup_after_async_removes_loses_nothing() {
 async fn a_kill_during_check_repair_loses_nothing() {
     let mut d = Daemon::start().await;
     let mut c = d.client().await;
-    let kept: Vec<String> = (0..20).map(|i| format!("kept-{i}")).collect();
-    for name in &kept {
-        committed_layer(&mut c, name).await.unwrap();
-    }
+    let kept = kept_layers(&mut c).await;
     for round in 0..4 {
         // Orphans for the repair to delete, each with files in it.
         for i in 0..200 {
@@ -487,16 +497,6 @@ async fn a_kill_during_check_repair_loses_nothing() {
         d.reap();
         d.spawn().await;
         c = d.client().await;
-        let mut listed = c.list(&[]).await.unwrap();
-        listed.sort();
-        let mut want = kept.clone();
-        want.sort();
-        assert_eq!(listed, want);
-        verify_layers(&d, &kept).await;
-        assert_eq!(
-            std::fs::read_dir(d.root.join("snapshots")).unwrap().count(),
-            kept.len(),
-            "start-up and Cleanup cleared the orphans the repair did not reach"
-        );
+        assert_only(&d, &mut c, &kept).await;
     }
 }

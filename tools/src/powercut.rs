@@ -464,22 +464,17 @@ async fn call(api: &mut Snapshots, op: &Op) -> anyhow::Result<Vec<Mount>> {
 /// The directory a snapshot's writes land in: a bind mount's source, or
 /// overlay's upperdir.
 pub fn upper_dir(mounts: &[Mount]) -> anyhow::Result<PathBuf> {
-    let [m] = mounts else {
-        bail!("expected one mount, got {mounts:?}");
-    };
-    if m.r#type == "bind" {
-        return Ok(PathBuf::from(&m.source));
-    }
-    m.options
-        .iter()
-        .find_map(|o| o.strip_prefix("upperdir="))
-        .map(PathBuf::from)
-        .with_context(|| format!("no upperdir in {m:?}"))
+    dir_of(mounts, "upperdir=")
 }
 
 /// The newest layer of a view's mounts: a bind mount's source, or the
 /// first of overlay's lowerdirs.
 pub fn top_layer(mounts: &[Mount]) -> anyhow::Result<PathBuf> {
+    dir_of(mounts, "lowerdir=")
+}
+
+/// A bind mount's source, or the first directory of an overlay option.
+fn dir_of(mounts: &[Mount], option: &str) -> anyhow::Result<PathBuf> {
     let [m] = mounts else {
         bail!("expected one mount, got {mounts:?}");
     };
@@ -488,10 +483,10 @@ pub fn top_layer(mounts: &[Mount]) -> anyhow::Result<PathBuf> {
     }
     m.options
         .iter()
-        .find_map(|o| o.strip_prefix("lowerdir="))
-        .and_then(|l| l.split(':').next())
+        .find_map(|o| o.strip_prefix(option))
+        .and_then(|dirs| dirs.split(':').next())
         .map(PathBuf::from)
-        .with_context(|| format!("no lowerdir in {m:?}"))
+        .with_context(|| format!("no {option} in {m:?}"))
 }
 
 /// One to three files of up to 64 KiB, one in a subdirectory; not synced
