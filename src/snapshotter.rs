@@ -691,6 +691,9 @@ impl Snapshotter {
     /// Reclaims every directory under `snapshots/` the database does not
     /// know: those of snapshots removed with `async_remove`, and orphans of
     /// a crash.
+    ///
+    /// Nothing to make durable: a power cut mid-way leaves directories no
+    /// row owns, for the next start-up or Cleanup.
     pub fn cleanup(&self) -> Result<()> {
         let trashed = self.store.write(|tx| {
             let ids = tx.ids()?;
