@@ -373,8 +373,6 @@ impl Layout {
         Ok(trashed)
     }
 
-    /// Creates an active snapshot's overlay work dir again (it holds no
-    /// data between mounts).
     /// Makes `snapshots/<id>/fs` (and `work`, for an active snapshot)
     /// again, empty, for `ontop check --repair`.
     pub fn recreate_tree(&self, id: Id, kind: Kind) -> io::Result<()> {
@@ -393,6 +391,8 @@ impl Layout {
         Ok(())
     }
 
+    /// Creates an active snapshot's overlay work dir again (it holds no
+    /// data between mounts).
     pub fn recreate_work(&self, id: Id) -> io::Result<()> {
         fs::DirBuilder::new().mode(0o711).create(self.work(id))
     }

@@ -155,6 +155,7 @@ impl Snapshotter {
                 None
             }
         };
+        let layer_syncs = SyncGroup::new(layout.snapshots_dir());
         Ok(Snapshotter {
             bases: BasePolicy {
                 allowed_roots: opts.base_roots,
@@ -169,7 +170,7 @@ impl Snapshotter {
             overlay: opts.overlay,
             async_remove: opts.async_remove,
             sync_layers: opts.sync_layers,
-            layer_syncs: SyncGroup::default(),
+            layer_syncs,
             watch,
             missing_trees: reconciled.missing.len(),
             _lock: lock,
@@ -430,7 +431,7 @@ impl Snapshotter {
             // small files (docs/guarantees.md); it runs outside the write
             // lock, and Commits waiting at once share one.
             self.layer_syncs
-                .sync(&self.layout.fs(rec.id))
+                .sync()
                 .with_context(|| format!("syncing the data of snapshot {key:?}"))?;
         }
         let unpin = self.store.write(|tx| {
@@ -439,6 +440,13 @@ impl Snapshotter {
             let usage = if now.id == rec.id {
                 measured
             } else {
+                // Another snapshot took the key meanwhile (rare): measure
+                // and sync it here, under the lock.
+                if self.sync_layers && !base::volatile(&tx.labels(now.id)?)? {
+                    self.layer_syncs
+                        .sync()
+                        .with_context(|| format!("syncing the data of snapshot {key:?}"))?;
+                }
                 self.upper_usage(now.id)?
             };
             let rebased = rebase_parent(tx, &now, parent)?;

@@ -7,11 +7,14 @@
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-#[derive(Default)]
 pub struct SyncGroup {
+    /// A directory on the filesystem to sync that outlives every caller
+    /// (the root's `snapshots/`): not a caller's own, which a Remove may
+    /// take away while others wait on the sync.
+    dir: PathBuf,
     state: Mutex<State>,
     finished: Condvar,
 }
@@ -27,10 +30,18 @@ struct State {
 }
 
 impl SyncGroup {
-    /// Returns once a syncfs of the filesystem holding `dir` that started
-    /// after this call has finished: the one this call runs, or one that
-    /// another caller ran meanwhile.
-    pub fn sync(&self, dir: &Path) -> io::Result<()> {
+    pub fn new(dir: PathBuf) -> SyncGroup {
+        SyncGroup {
+            dir,
+            state: Mutex::default(),
+            finished: Condvar::new(),
+        }
+    }
+
+    /// Returns once a syncfs of the filesystem that started after this
+    /// call has finished: the one this call runs, or one that another
+    /// caller ran meanwhile.
+    pub fn sync(&self) -> io::Result<()> {
         let mut st = self.lock();
         // One that is running may have started before our data was
         // written: only the next one counts.
@@ -47,7 +58,7 @@ impl SyncGroup {
                 st.running = true;
                 let mine = st.started;
                 drop(st);
-                let result = File::open(dir).and_then(|f| Ok(nix::unistd::syncfs(&f)?));
+                let result = File::open(&self.dir).and_then(|f| Ok(nix::unistd::syncfs(&f)?));
                 let mut st = self.lock();
                 st.running = false;
                 st.finished = mine;
@@ -72,11 +83,11 @@ mod tests {
     #[test]
     fn concurrent_callers_share_syncs_and_each_waits_for_one_started_after_it() {
         let dir = tempfile::tempdir().unwrap();
-        let group = Arc::new(SyncGroup::default());
+        let group = Arc::new(SyncGroup::new(dir.path().to_path_buf()));
         let threads: Vec<_> = (0..16)
             .map(|_| {
-                let (group, path) = (group.clone(), dir.path().to_path_buf());
-                std::thread::spawn(move || group.sync(&path).unwrap())
+                let group = group.clone();
+                std::thread::spawn(move || group.sync().unwrap())
             })
             .collect();
         for t in threads {
@@ -90,11 +101,12 @@ mod tests {
 
     #[test]
     fn a_failed_sync_fails_its_callers() {
-        let group = SyncGroup::default();
-        let e = group.sync(Path::new("/nonexistent/ontop")).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let group = SyncGroup::new(dir.path().join("gone"));
+        let e = group.sync().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         // The next caller runs a sync of its own.
-        let dir = tempfile::tempdir().unwrap();
-        group.sync(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join("gone")).unwrap();
+        group.sync().unwrap();
     }
 }
