@@ -62,31 +62,16 @@ impl Writer {
 }
 
 /// fsyncs each directory, so that the entries and inodes a batch's rows
-/// depend on are on disk before the rows are. In parallel: one after
-/// another, each fsync waits for a journal commit and a disk flush of its
-/// own; at once, the filesystem folds them into as few as it can.
+/// depend on are on disk before the rows are.
 fn sync_dirs(dirs: &BTreeSet<PathBuf>) -> Result<()> {
-    const THREADS: usize = 8;
-    if dirs.len() < 2 {
-        return dirs.iter().try_for_each(sync_dir);
+    for dir in dirs {
+        let synced = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        match synced {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other.with_context(|| format!("syncing {}", dir.display()))?,
+        }
     }
-    let dirs: Vec<&PathBuf> = dirs.iter().collect();
-    std::thread::scope(|s| {
-        let workers: Vec<_> = dirs
-            .chunks(dirs.len().div_ceil(THREADS))
-            .map(|chunk| s.spawn(move || chunk.iter().try_for_each(|d| sync_dir(d))))
-            .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-    })
-}
-
-fn sync_dir(dir: &PathBuf) -> Result<()> {
-    match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => Ok(other.with_context(|| format!("syncing {}", dir.display()))?),
-    }
+    Ok(())
 }
 
 impl Store {
