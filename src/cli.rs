@@ -62,15 +62,16 @@ impl ContainerdConfigArgs {
 /// One line per snapshot, as `ontop ls` prints them.
 pub fn print_ls(snapshots: &[SnapshotSummary]) {
     println!(
-        "{:>6}  {:<9}  {:>10}  {:>7}  {:<40}  PARENT",
-        "ID", "KIND", "SIZE", "INODES", "KEY"
+        "{:>6}  {:<9}  {:>10}  {:>10}  {:>7}  {:<40}  PARENT",
+        "ID", "KIND", "SIZE", "LIMIT", "INODES", "KEY"
     );
     for s in snapshots {
         println!(
-            "{:>6}  {:<9}  {:>10}  {:>7}  {:<40}  {}",
+            "{:>6}  {:<9}  {:>10}  {:>10}  {:>7}  {:<40}  {}",
             s.id,
             s.kind,
             human_size(s.size),
+            limit_shown(s),
             s.inodes,
             s.key,
             s.parent
@@ -110,6 +111,19 @@ pub fn print_info(s: &SnapshotSummary, path: &str, chain: &[SnapshotSummary]) {
         s.size,
         s.inodes
     );
+    if s.max_size > 0 {
+        println!(
+            "Limit:   {} ({} bytes), by {}{}",
+            human_size(s.max_size),
+            s.max_size,
+            s.limit_enforcer,
+            if s.kind == "active" {
+                ""
+            } else {
+                "; lifted at Commit"
+            }
+        );
+    }
     println!("Labels:");
     let mut labels: Vec<_> = s.labels.iter().collect();
     labels.sort();
@@ -119,6 +133,16 @@ pub fn print_info(s: &SnapshotSummary, path: &str, chain: &[SnapshotSummary]) {
     println!("Chain ({} ancestors, nearest first):", chain.len());
     for a in chain {
         println!("  {:>6}  {:>10}  {}", a.id, human_size(a.size), a.key);
+    }
+}
+
+/// The limit column of `ontop ls`: "-" for none, in parentheses once
+/// Commit lifted it.
+fn limit_shown(s: &SnapshotSummary) -> String {
+    match (s.max_size, s.kind.as_str()) {
+        (0, _) => "-".into(),
+        (n, "active") => human_size(n),
+        (n, _) => format!("({})", human_size(n)),
     }
 }
 

@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context as _};
 use serde::Deserialize;
 
 use crate::backend::{self, Backend};
+use crate::limit::{self, Enforcer};
 
 /// containerd 1.6/1.7's CRI looks for image-fs stats under
 /// `/var/lib/containerd/io.containerd.snapshotter.v1.<name>`.
@@ -54,6 +55,11 @@ pub struct Config {
     pub metrics_address: Option<MetricsAddress>,
     /// A call that takes longer is logged at warn.
     pub slow_call: Duration,
+    /// The size limit of a container's snapshot that has no limit label;
+    /// None: unlimited.
+    pub default_max_size: Option<u64>,
+    /// What enforces size limits; None: the first that works here.
+    pub limit_enforcer: Option<Enforcer>,
 }
 
 /// A TCP address such as `127.0.0.1:9163`, or `unix:/path` for a socket
@@ -115,6 +121,10 @@ pub struct FileConfig {
     pub socket_group: Option<String>,
     pub metrics_address: Option<String>,
     pub slow_call_seconds: Option<f64>,
+    /// A size such as "10GiB"; "0" or absent: unlimited.
+    pub default_max_size: Option<String>,
+    /// "auto", "btrfs-qgroup" or "loop-ext4".
+    pub limit_enforcer: Option<String>,
 }
 
 /// The flags that can override the file.
@@ -254,6 +264,30 @@ impl Config {
                 Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
                 Some(s) => bail!("slow_call_seconds must be a positive number of seconds, got {s}"),
             },
+            default_max_size: match file.default_max_size.as_deref() {
+                None => None,
+                Some(v) => match limit::parse_size(v).map_err(|e| anyhow!("default_max_size: {e}"))? {
+                    0 => None,
+                    n if n < limit::MIN_LIMIT => bail!(
+                        "default_max_size {v:?} is below the smallest limit, {}",
+                        limit::human(limit::MIN_LIMIT)
+                    ),
+                    n => Some(n),
+                },
+            },
+            limit_enforcer: match file.limit_enforcer.as_deref() {
+                None | Some("auto") => None,
+                Some(name) => Some(
+                    Enforcer::ALL
+                        .into_iter()
+                        .find(|e| e.as_str() == name)
+                        .ok_or_else(|| {
+                            anyhow!(
+                                "limit_enforcer {name:?} is not one of \"auto\", \"btrfs-qgroup\", \"loop-ext4\""
+                            )
+                        })?,
+                ),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -341,6 +375,29 @@ mod tests {
 
     fn parse(text: &str) -> anyhow::Result<FileConfig> {
         Ok(toml::from_str(text)?)
+    }
+
+    fn merged(text: &str) -> anyhow::Result<Config> {
+        Config::merge(parse(text)?, Overrides::default(), Defaults::system())
+    }
+
+    #[test]
+    fn size_limit_settings_are_read_strictly() {
+        let c = merged("").unwrap();
+        assert_eq!((c.default_max_size, c.limit_enforcer), (None, None));
+        let c = merged("default_max_size = \"10GiB\"\nlimit_enforcer = \"loop-ext4\"").unwrap();
+        assert_eq!(c.default_max_size, Some(10 << 30));
+        assert_eq!(c.limit_enforcer, Some(Enforcer::LoopExt4));
+        let c = merged("default_max_size = \"0\"\nlimit_enforcer = \"auto\"").unwrap();
+        assert_eq!((c.default_max_size, c.limit_enforcer), (None, None));
+        for (bad, says) in [
+            ("default_max_size = \"10 gigs\"", "default_max_size"),
+            ("default_max_size = \"1KiB\"", "smallest"),
+            ("limit_enforcer = \"xfs\"", "limit_enforcer"),
+        ] {
+            let err = format!("{:#}", merged(bad).unwrap_err());
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -419,6 +419,11 @@ fn summary(r: Record, labels: crate::snapshot::Labels) -> admin::SnapshotSummary
         inodes: r.usage.inodes,
         created_ns: r.created.0,
         updated_ns: r.updated.0,
+        max_size: r.limit.map_or(0, |l| l.bytes as i64),
+        limit_enforcer: r
+            .limit
+            .map(|l| l.enforcer.as_str().to_string())
+            .unwrap_or_default(),
     }
 }
 

@@ -6,6 +6,9 @@
 //! <root>/snapshots/<id>/fs    the snapshot's upper dir (its whole tree if it has no parent)
 //! <root>/snapshots/<id>/work  overlay's work dir (active snapshots only)
 //! <root>/snapshots/<id>/base  mount point: the host base, pinned read-only (active and views)
+//! <root>/snapshots/<id>/limit      mount point of limit.img, which holds `fs` and `work`
+//!                                  of an active snapshot with a loop-ext4 limit
+//! <root>/snapshots/<id>/limit.img  that ext4 image (see `crate::limit::loop_ext4`)
 //! <root>/tmp/              snapshots being built, before they get an id
 //! <root>/empty/            always empty: the lower dir of a mapped snapshot with no parent
 //! <root>/trash/            directories waiting to be deleted
@@ -92,6 +95,54 @@ impl Layout {
 
     pub fn work(&self, id: Id) -> PathBuf {
         self.snapshot_dir(id).join("work")
+    }
+
+    /// Where a loop-ext4 limit's image is mounted.
+    pub fn limit_dir(&self, id: Id) -> PathBuf {
+        self.snapshot_dir(id).join("limit")
+    }
+
+    pub fn limit_image(&self, id: Id) -> PathBuf {
+        self.snapshot_dir(id).join("limit.img")
+    }
+
+    /// The upper dir: in the loop image while one holds it, else `fs`.
+    pub fn upper(&self, id: Id, in_image: bool) -> PathBuf {
+        match in_image {
+            true => self.limit_dir(id).join("fs"),
+            false => self.fs(id),
+        }
+    }
+
+    /// Overlay's work dir, beside the upper.
+    pub fn upper_work(&self, id: Id, in_image: bool) -> PathBuf {
+        match in_image {
+            true => self.limit_dir(id).join("work"),
+            false => self.work(id),
+        }
+    }
+
+    /// Mounts a snapshot's loop image again, unless it is mounted: after
+    /// a reboot nothing is. NotFound means the snapshot's directory is
+    /// gone: it was removed meanwhile.
+    pub fn mount_limit_image(&self, id: Id) -> anyhow::Result<()> {
+        let _pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        fs::symlink_metadata(self.snapshot_dir(id))?;
+        let target = self.limit_dir(id);
+        if pin::is_mount_point(&target)? {
+            return Ok(());
+        }
+        crate::limit::loop_ext4::mount(&self.limit_image(id), &target)
+    }
+
+    /// Unmounts and deletes a snapshot's loop image, if it has one: what
+    /// Commit leaves once the tree is copied out. The loop device clears
+    /// itself with the mount.
+    pub fn drop_limit_image(&self, id: Id) -> io::Result<()> {
+        let target = self.limit_dir(id);
+        pin::unpin(&target)?;
+        remove_all(&target)?;
+        ignore_missing(fs::remove_file(self.limit_image(id)))
     }
 
     /// Where the snapshot's host base is pinned (see [`crate::pin`]). Mount
@@ -260,13 +311,20 @@ impl Layout {
     }
 
     /// Builds a new snapshot directory in `tmp/`: `fs` (0755) and, for an
-    /// active snapshot, `work`. Dropped without `install`, it is removed.
-    pub fn new_snapshot_dir(&self, kind: Kind) -> io::Result<NewSnapshotDir> {
+    /// active snapshot, `work`; a btrfs subvolume of its own when a qgroup
+    /// is to limit it. Dropped without `install`, it is removed.
+    pub fn new_snapshot_dir(&self, kind: Kind, subvolume: bool) -> io::Result<NewSnapshotDir> {
         let path = self.tmp_dir().join(unique_name("new"));
-        fs::DirBuilder::new().mode(0o700).create(&path)?;
+        if subvolume {
+            crate::limit::btrfs::create_subvolume(&path)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
+        } else {
+            fs::DirBuilder::new().mode(0o700).create(&path)?;
+        }
         let mut dir = NewSnapshotDir {
             path: Some(path),
             fs_chmodded: false,
+            in_image: false,
         };
         let fs_dir = dir.fs();
         fs::DirBuilder::new().mode(0o755).create(&fs_dir)?;
@@ -426,6 +484,8 @@ pub struct NewSnapshotDir {
     path: Option<PathBuf>,
     /// `fs/` got its mode from a chmod after its mkdir.
     fs_chmodded: bool,
+    /// The upper and work dirs are in a loop image.
+    in_image: bool,
 }
 
 impl NewSnapshotDir {
@@ -435,6 +495,30 @@ impl NewSnapshotDir {
 
     pub fn fs(&self) -> PathBuf {
         self.path().join("fs")
+    }
+
+    /// The upper dir: `fs`, or the one in the loop image.
+    pub fn upper(&self) -> PathBuf {
+        match self.in_image {
+            true => self.path().join("limit/fs"),
+            false => self.fs(),
+        }
+    }
+
+    /// Makes a loop image that holds at most `limit` bytes, mounts it at
+    /// `limit/`, and moves the upper and work dirs into it (see
+    /// `crate::limit::loop_ext4`). Durable once it returns, but for the
+    /// directory's own entries, which [`NewSnapshotDir::sync`] keeps.
+    pub fn enclose_in_image(&mut self, limit: u64) -> anyhow::Result<()> {
+        use crate::limit::loop_ext4;
+        let mount = self.path().join("limit");
+        create_mount_point(&mount)?;
+        let image = self.path().join("limit.img");
+        loop_ext4::create_image(&image, limit)?;
+        loop_ext4::mount(&image, &mount)?;
+        loop_ext4::make_tree(&mount)?;
+        self.in_image = true;
+        Ok(())
     }
 
     /// Makes the new tree durable before it is renamed into place: the
@@ -529,22 +613,22 @@ mod tests {
     #[test]
     fn a_new_active_dir_has_fs_0755_and_work() {
         let (_d, l) = layout();
-        let dir = l.new_snapshot_dir(Kind::Active).unwrap();
+        let dir = l.new_snapshot_dir(Kind::Active, false).unwrap();
         let md = fs::metadata(dir.fs()).unwrap();
         assert_eq!(md.mode() & 0o7777, 0o755);
         assert!(dir.path().join("work").is_dir());
-        let view = l.new_snapshot_dir(Kind::View).unwrap();
+        let view = l.new_snapshot_dir(Kind::View, false).unwrap();
         assert!(!view.path().join("work").exists());
     }
 
     #[test]
     fn a_dropped_new_dir_is_removed_and_an_installed_one_is_kept() {
         let (_d, l) = layout();
-        let dropped = l.new_snapshot_dir(Kind::Active).unwrap();
+        let dropped = l.new_snapshot_dir(Kind::Active, false).unwrap();
         let path = dropped.path().to_path_buf();
         drop(dropped);
         assert!(!path.exists());
-        let dir = l.new_snapshot_dir(Kind::Active).unwrap();
+        let dir = l.new_snapshot_dir(Kind::Active, false).unwrap();
         l.install(dir, 7).unwrap();
         assert!(l.fs(7).is_dir());
         assert!(l.work(7).is_dir());
@@ -554,7 +638,7 @@ mod tests {
     fn install_over_an_orphan_replaces_it() {
         let (_d, l) = layout();
         fs::create_dir_all(l.fs(3).join("stale")).unwrap();
-        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 3)
+        l.install(l.new_snapshot_dir(Kind::Active, false).unwrap(), 3)
             .unwrap();
         assert!(!l.fs(3).join("stale").exists());
         assert_eq!(
@@ -584,7 +668,7 @@ mod tests {
 
     /// Installs active snapshot `id` with `host` pinned as its base.
     fn pinned_snapshot(l: &Layout, id: Id, host: &Path) {
-        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), id)
+        l.install(l.new_snapshot_dir(Kind::Active, false).unwrap(), id)
             .unwrap();
         l.pin_base(id, pin::open_dir(host).unwrap().as_fd())
             .unwrap();
@@ -602,7 +686,7 @@ mod tests {
         let (d, l) = layout();
         let host = host(&d);
         let base = pin::open_dir(&host).unwrap();
-        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 1)
+        l.install(l.new_snapshot_dir(Kind::Active, false).unwrap(), 1)
             .unwrap();
         l.pin_base(1, base.as_fd()).unwrap();
         l.pin_base(1, base.as_fd()).unwrap();
@@ -637,7 +721,7 @@ mod tests {
         let (d, l) = layout();
         let host = host(&d);
         pinned_snapshot(&l, 5, &host);
-        let fresh = l.new_snapshot_dir(Kind::View).unwrap();
+        let fresh = l.new_snapshot_dir(Kind::View, false).unwrap();
         l.install(fresh, 5).unwrap();
         assert!(!l.work(5).exists(), "the new (view) directory is in place");
         assert!(!l.base_dir(5).exists());
@@ -669,7 +753,7 @@ mod tests {
     fn a_pin_left_in_tmp_by_a_crash_is_detached_at_start_up() {
         let (d, l) = layout();
         let host = host(&d);
-        let dir = l.new_snapshot_dir(Kind::Active).unwrap();
+        let dir = l.new_snapshot_dir(Kind::Active, false).unwrap();
         dir.pin_base(pin::open_dir(&host).unwrap().as_fd()).unwrap();
         std::mem::forget(dir);
         assert_eq!(l.remove_stale_temporaries().unwrap(), 1);
@@ -681,7 +765,7 @@ mod tests {
     fn unpinning_also_removes_an_old_base_symlink() {
         let (d, l) = layout();
         let host = host(&d);
-        l.install(l.new_snapshot_dir(Kind::Active).unwrap(), 1)
+        l.install(l.new_snapshot_dir(Kind::Active, false).unwrap(), 1)
             .unwrap();
         std::os::unix::fs::symlink(&host, l.base_dir(1)).unwrap();
         l.unpin_base(1).unwrap();

@@ -52,6 +52,7 @@ pub(crate) mod grpc;
 pub(crate) mod idmap;
 pub(crate) mod labels;
 pub(crate) mod layout;
+pub mod limit;
 pub(crate) mod metrics;
 pub(crate) mod mounts;
 pub mod pin;

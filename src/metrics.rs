@@ -116,6 +116,14 @@ fn describe() {
         "Snapshots whose directory start-up found gone (data lost; see ontop check)"
     );
     describe_gauge!(
+        "ontop_limited_snapshots",
+        "Active snapshots with a size limit, by what enforces it"
+    );
+    describe_counter!(
+        "ontop_limit_failures_total",
+        "Prepares refused because their size limit could not be enforced"
+    );
+    describe_gauge!(
         "ontop_build_info",
         "Always 1: ontop's version and the backend it serves, as labels"
     );
@@ -207,6 +215,11 @@ pub mod phases {
     }
 }
 
+/// One Prepare refused because its size limit could not be enforced.
+pub fn limit_refused() {
+    counter!("ontop_limit_failures_total").increment(1);
+}
+
 /// Whether anything is recorded: Cleanup measures what it frees only then.
 pub fn enabled() -> bool {
     HANDLE.get().is_some()
@@ -225,6 +238,8 @@ pub trait State: Send + Sync {
     fn backend_name(&self) -> &'static str;
     /// Snapshots whose directory start-up found gone.
     fn missing_trees(&self) -> usize;
+    /// Active snapshots with a size limit, by the enforcer's name.
+    fn limited_snapshots(&self) -> anyhow::Result<Vec<(&'static str, i64)>>;
 }
 
 /// Reads what is cheaper to read than to count.
@@ -243,6 +258,14 @@ fn refresh(state: &dyn State) {
     let mut wal = db.into_os_string();
     wal.push("-wal");
     gauge!("ontop_database_wal_size_bytes").set(size(wal.as_ref()));
+    match state.limited_snapshots() {
+        Ok(counts) => {
+            for (enforcer, n) in counts {
+                gauge!("ontop_limited_snapshots", "enforcer" => enforcer).set(n as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: could not count limited snapshots"),
+    }
     gauge!("ontop_snapshots_missing_tree").set(state.missing_trees() as f64);
     if let Some(pins) = state.pinned_bases() {
         gauge!("ontop_pinned_bases").set(pins as f64);

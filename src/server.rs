@@ -59,6 +59,8 @@ impl Core {
             root: config.root.clone(),
             async_remove: config.async_remove,
             sync_layers: config.sync_layers,
+            default_max_size: config.default_max_size,
+            limit_enforcer: config.limit_enforcer,
             overlay,
             base_roots: config.base_roots.clone(),
             remap_ids: config.remap_ids,

@@ -24,7 +24,8 @@ use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
 use crate::idmap::{IdMapPolicy, IdMapping};
 use crate::labels;
-use crate::layout::{self, Layout, Pins};
+use crate::layout::{self, Layout, NewSnapshotDir, Pins};
+use crate::limit::{self, Enforcer, Limit, LimitPolicy};
 use crate::mounts::{self, Layers, Mount, OverlayOptions};
 use crate::snapshot::{Id, Kind, Labels, Snapshot, Timestamp, Usage};
 use crate::store::{NewSnapshot, Record, Store, Tx};
@@ -45,6 +46,12 @@ pub struct Options {
     /// Make a layer's data durable before Commit answers (config
     /// `sync_layers`).
     pub sync_layers: bool,
+    /// The size limit of containers' snapshots without a label (config
+    /// `default_max_size`).
+    pub default_max_size: Option<u64>,
+    /// What enforces limits, when not the first that works here (config
+    /// `limit_enforcer`).
+    pub limit_enforcer: Option<Enforcer>,
 }
 
 /// What a snapshot's labels ask of its mounts.
@@ -56,6 +63,9 @@ pub struct MountAsks {
     mapping: IdMapping,
     /// An image layer being unpacked (see [`Layers::unpack`]).
     unpack: bool,
+    /// The Prepare carries the labels of containerd's unpacker, with or
+    /// without a parent: no default size limit applies.
+    unpacker: bool,
 }
 
 /// The labels containerd's unpacker puts on the Prepare of every image
@@ -68,10 +78,12 @@ const UNPACK_LABELS: [&str; 2] = [
 
 impl MountAsks {
     fn of(labels: &Labels) -> Result<MountAsks> {
+        let unpacker = UNPACK_LABELS.iter().any(|l| labels.contains_key(*l));
         Ok(MountAsks {
             volatile: base::volatile(labels)?,
             mapping: IdMapping::from_labels(labels)?,
-            unpack: UNPACK_LABELS.iter().any(|l| labels.contains_key(*l)),
+            unpack: unpacker,
+            unpacker,
         })
     }
 }
@@ -90,7 +102,10 @@ impl MountPlan {
     /// binary to read for an id mapping), which must not run on an async
     /// worker. Everything else is pure.
     pub fn touches_filesystem(&self) -> bool {
-        self.rec.base.is_some() || self.asks.volatile || !self.asks.mapping.is_empty()
+        self.rec.base.is_some()
+            || self.asks.volatile
+            || !self.asks.mapping.is_empty()
+            || self.rec.in_loop_image()
     }
 }
 
@@ -111,6 +126,8 @@ pub struct Snapshotter {
     sync_layers: bool,
     /// Commits share their syncfs calls (see `crate::syncfs`).
     layer_syncs: SyncGroup,
+    /// Size limits: the default, and what enforces them here.
+    limits: LimitPolicy,
     idmaps: IdMapPolicy,
     bases: BasePolicy,
     /// Which uppers changed, so Usage walks only those; none where
@@ -139,10 +156,17 @@ impl Snapshotter {
         if opts.overlay.backend == Backend::FuseOverlayfs {
             backends::check_fuse(&layout.tmp_dir())?;
         }
+        let limits = LimitPolicy::probe(
+            layout.root(),
+            &layout.tmp_dir(),
+            opts.default_max_size,
+            opts.limit_enforcer,
+        )?;
         let store = Store::open(&layout.db_path())?;
         base::unpin_strays(&layout, &store)?;
         let reconciled = crate::check::at_start(&layout, &store)?;
         report_reconciled(&reconciled);
+        hold_limits(&layout, &store)?;
         let watch = match Watch::start(layout.root(), &layout.own_dirs()) {
             Ok(watch) => {
                 tracing::info!(
@@ -171,6 +195,7 @@ impl Snapshotter {
             async_remove: opts.async_remove,
             sync_layers: opts.sync_layers,
             layer_syncs,
+            limits,
             watch,
             missing_trees: reconciled.missing.len(),
             _lock: lock,
@@ -228,6 +253,14 @@ impl Snapshotter {
         require_key("key", key)?;
         let mut labels = labels::validate(labels)?;
         let mut asks = MountAsks::of(&labels)?;
+        let limit = limit::wanted(kind, &labels, asks.unpacker, self.limits.default)?
+            .map(|bytes| {
+                Ok::<_, Error>(Limit {
+                    bytes,
+                    enforcer: self.limits.enforcer(bytes)?,
+                })
+            })
+            .transpose()?;
         let idmap = self.idmaps.apply(&asks.mapping, caller)?;
         // The upper's root belongs to the container's root, unless
         // fuse-overlayfs maps it on the fly (see `crate::idmap`).
@@ -241,10 +274,15 @@ impl Snapshotter {
         let requested_base = base::requested(&labels)
             .map(|p| self.bases.resolve(p))
             .transpose()?;
-        let dir = self
+        let subvolume = limit.is_some_and(|l| l.enforcer == Enforcer::BtrfsQgroup);
+        let mut dir = self
             .layout
-            .new_snapshot_dir(kind)
+            .new_snapshot_dir(kind, subvolume)
             .context("creating snapshot directory")?;
+        if let Some(limit) = limit {
+            enforce(&mut dir, limit)?;
+        }
+        let in_image = limit.is_some_and(|l| l.enforcer == Enforcer::LoopExt4);
         // Outside the write lock, so concurrent Prepares sync their trees
         // at once rather than one after another in the batch.
         dir.sync().context("syncing the new snapshot directory")?;
@@ -287,6 +325,7 @@ impl Snapshotter {
                     parent_id,
                     base: base.as_deref(),
                     labels: &labels,
+                    limit,
                 },
                 Timestamp::now(),
             )?;
@@ -298,19 +337,28 @@ impl Snapshotter {
                     .layout
                     .owner(pid)
                     .with_context(|| format!("reading the owner of parent {parent:?}"))?;
-                chown(dir.fs(), Some(uid), Some(gid)).context("copying the parent's root owner")?;
+                chown(dir.upper(), Some(uid), Some(gid))
+                    .context("copying the parent's root owner")?;
             } else if let Some(b) = &pinned {
-                base::copy_root_attributes(b.as_fd(), &dir.fs())
+                base::copy_root_attributes(b.as_fd(), &dir.upper())
                     .context("copying the root mode and owner of the base")?;
             }
             if let Some((uid, gid)) = mapped_root {
-                chown(dir.fs(), Some(uid), Some(gid))
+                chown(dir.upper(), Some(uid), Some(gid))
                     .context("giving the root to the container's root")?;
             }
             if let Some(b) = &pinned {
                 dir.pin_base(b.as_fd()).context("pinning the base directory")?;
             }
-            let layers = self.layers(kind, id, &ancestors, base.is_some(), &asks, idmap);
+            let layers = self.layers(
+                kind,
+                id,
+                &ancestors,
+                base.is_some(),
+                in_image,
+                &asks,
+                idmap,
+            );
             self.layout
                 .install(dir, id)
                 .with_context(|| format!("moving snapshot {id} into place"))?;
@@ -320,7 +368,7 @@ impl Snapshotter {
             // (once for the whole batch) and the root's owner, if changed
             // here, are synced before the batch commits.
             if parent_id.is_some() || pinned.is_some() || mapped_root.is_some() {
-                tx.sync_before_commit(self.layout.fs(id));
+                tx.sync_before_commit(self.layout.upper(id, in_image));
             }
             tx.sync_before_commit(self.layout.snapshots_dir());
             Ok(layers)
@@ -381,6 +429,19 @@ impl Snapshotter {
             // have put a new directory at the base's path.
             self.bases.pin(&self.layout, &rec, b)?;
         }
+        if rec.in_loop_image() {
+            // Start-up mounts it; this is for a mount someone took away.
+            self.layout.mount_limit_image(rec.id).map_err(|e| {
+                match e.downcast_ref::<std::io::Error>() {
+                    Some(io) if io.kind() == std::io::ErrorKind::NotFound => {
+                        Error::not_found(format!("snapshot {:?} does not exist", rec.key))
+                    }
+                    _ => Error::Internal(
+                        e.context(format!("mounting the size-limited layer of {:?}", rec.key)),
+                    ),
+                }
+            })?;
+        }
         let writable_overlay =
             rec.kind == Kind::Active && (rec.base.is_some() || !ancestors.is_empty());
         if asks.volatile && writable_overlay {
@@ -395,6 +456,7 @@ impl Snapshotter {
             rec.id,
             &ancestors,
             rec.base.is_some(),
+            rec.in_loop_image(),
             &asks,
             idmap,
         );
@@ -423,7 +485,15 @@ impl Snapshotter {
             let volatile = base::volatile(&tx.labels(rec.id)?)?;
             Ok((rec, volatile))
         })?;
-        let measured = self.upper_usage(rec.id)?;
+        if rec.in_loop_image() {
+            // A committed layer is an ordinary one: its tree leaves the
+            // image for `fs`, outside the write lock, as the walk below.
+            limit::loop_ext4::copy_tree(&self.layout.upper(rec.id, true), &self.layout.fs(rec.id))
+                .with_context(|| {
+                    format!("copying snapshot {key:?} out of its size-limited image")
+                })?;
+        }
+        let measured = self.upper_usage(rec.id, false)?;
         if self.sync_layers && !volatile {
             // Durable before the answer: a committed layer that comes back
             // from a power cut with empty or short files is a corrupt image.
@@ -434,11 +504,25 @@ impl Snapshotter {
                 .sync()
                 .with_context(|| format!("syncing the data of snapshot {key:?}"))?;
         }
-        let unpin = self.store.write(|tx| {
+        // Lifted before the transaction, and put back if it fails: a crash
+        // in between leaves an active snapshot that start-up limits again.
+        let qgroup = rec
+            .enforced_limit()
+            .filter(|l| l.enforcer == Enforcer::BtrfsQgroup);
+        if qgroup.is_some() {
+            limit::btrfs::set_limit(&self.layout.snapshot_dir(rec.id), None)
+                .with_context(|| format!("lifting the size limit of snapshot {key:?}"))?;
+        }
+        let committed = self.store.write(|tx| {
             // Checked again: another request may have won in between.
             let now = check_commit(tx, name, key)?;
             let usage = if now.id == rec.id {
                 measured
+            } else if now.enforced_limit().is_some() {
+                return Err(Error::failed_precondition(format!(
+                    "snapshot {key:?} was removed and prepared again while being committed; \
+                     commit it again"
+                )));
             } else {
                 // Another snapshot took the key meanwhile (rare): measure
                 // and sync it here, under the lock.
@@ -447,7 +531,7 @@ impl Snapshotter {
                         .sync()
                         .with_context(|| format!("syncing the data of snapshot {key:?}"))?;
                 }
-                self.upper_usage(now.id)?
+                self.upper_usage(now.id, false)?
             };
             let rebased = rebase_parent(tx, &now, parent)?;
             // The base belongs to the chain: the active snapshot's own, or
@@ -488,7 +572,27 @@ impl Snapshotter {
             }
             tx.commit(now.id, name, &labels, usage, Timestamp::now())?;
             Ok(now.base.is_some().then_some(now.id))
-        })?;
+        });
+        let unpin = match committed {
+            Ok(unpin) => unpin,
+            Err(e) => {
+                if let Some(l) = qgroup {
+                    if let Err(e) =
+                        limit::btrfs::set_limit(&self.layout.snapshot_dir(rec.id), Some(l.bytes))
+                    {
+                        tracing::warn!(id = rec.id, error = %e, "could not put back a size limit after a failed Commit; start-up will");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if rec.in_loop_image() {
+            // The tree is in `fs` now. An image left by a failure or a
+            // crash here is only space: start-up deletes it.
+            if let Err(e) = self.layout.drop_limit_image(rec.id) {
+                tracing::warn!(id = rec.id, error = %e, "could not delete the image of a committed snapshot; start-up will");
+            }
+        }
         // A committed snapshot has no mounts, so its pin goes: children
         // pin the base themselves. A pin left by a failure or a crash here
         // is only a mount too many, which start-up takes down.
@@ -555,6 +659,7 @@ impl Snapshotter {
     ) -> Result<Snapshot> {
         labels::check_update(key, &requested, fieldpaths)?;
         let names_base = labels::update_names(&requested, fieldpaths, BASE_LABEL);
+        let names_limit = limit::update_names(&requested, fieldpaths);
         // The root's mode and owner before this Update took the new base's,
         // to put back if the transaction does not commit.
         let root_before = Cell::new(None);
@@ -564,6 +669,18 @@ impl Snapshotter {
             let mut labels = labels::merge_update(&old, &requested, fieldpaths);
             labels::check_count(&labels)?;
             MountAsks::of(&labels)?;
+
+            if !names_limit {
+                // Like the base: containerd's record may not carry them.
+                for l in [limit::MAX_SIZE_LABEL, limit::ONTOP_MAX_SIZE_LABEL] {
+                    match old.get(l) {
+                        Some(v) => labels.insert(l.to_string(), v.clone()),
+                        None => labels.remove(l),
+                    };
+                }
+            } else {
+                self.change_limit(tx, &rec, limit::requested(&labels)?)?;
+            }
 
             let old_base = old.get(BASE_LABEL).cloned();
             let mut new_base = None;
@@ -627,6 +744,76 @@ impl Snapshotter {
         Ok(snap)
     }
 
+    /// Holds an active snapshot to the limit an Update's labels ask for:
+    /// a limit can be raised; lowered only where the enforcer can and
+    /// above what the snapshot holds; never added or lifted before
+    /// Commit. Elsewhere the labels are only labels.
+    fn change_limit(&self, tx: &Tx<'_>, rec: &Record, asked: Option<u64>) -> Result<()> {
+        let key = &rec.key;
+        let asked = asked.filter(|&n| n != 0);
+        let current = match (rec.enforced_limit(), asked) {
+            (_, _) if rec.kind != Kind::Active => return Ok(()),
+            (None, None) => return Ok(()),
+            (None, Some(n)) => {
+                return Err(Error::failed_precondition(format!(
+                    "cannot limit snapshot {key:?} to {}: a size limit is set when a snapshot is \
+                     prepared, and this one has none",
+                    limit::human(n)
+                )))
+            }
+            (Some(l), None) => {
+                return Err(Error::failed_precondition(format!(
+                    "cannot lift the size limit of active snapshot {key:?} ({}): it can be raised, \
+                     and goes at Commit",
+                    limit::human(l.bytes)
+                )))
+            }
+            (Some(l), Some(_)) => l,
+        };
+        let asked = asked.expect("matched above");
+        if asked == current.bytes {
+            return Ok(());
+        }
+        let dir = self.layout.snapshot_dir(rec.id);
+        match current.enforcer {
+            Enforcer::LoopExt4 if asked < current.bytes => {
+                return Err(Error::failed_precondition(format!(
+                    "cannot lower the size limit of snapshot {key:?} from {} to {}: its ext4 \
+                     image can grow while mounted, not shrink",
+                    limit::human(current.bytes),
+                    limit::human(asked)
+                )))
+            }
+            Enforcer::LoopExt4 if !limit::loop_ext4::can_grow() => {
+                return Err(Error::failed_precondition(format!(
+                    "cannot raise the size limit of snapshot {key:?}: growing its mounted ext4 \
+                     image needs CAP_SYS_RESOURCE, which ontop does not have here"
+                )))
+            }
+            Enforcer::LoopExt4 => limit::loop_ext4::grow(
+                &self.layout.limit_image(rec.id),
+                &self.layout.limit_dir(rec.id),
+                asked,
+            )
+            .with_context(|| format!("growing the image of snapshot {key:?}"))?,
+            Enforcer::BtrfsQgroup => {
+                if asked < current.bytes {
+                    let used = self.upper_usage(rec.id, false)?;
+                    if used.size as u64 > asked {
+                        return Err(Error::failed_precondition(format!(
+                            "cannot lower the size limit of snapshot {key:?} to {}: it holds {} already",
+                            limit::human(asked),
+                            limit::human(used.size as u64)
+                        )));
+                    }
+                }
+                limit::btrfs::set_limit(&dir, Some(asked))
+                    .with_context(|| format!("setting the size limit of snapshot {key:?}"))?;
+            }
+        }
+        tx.set_limit(rec.id, asked)
+    }
+
     /// A base can change only on an active snapshot that does not inherit
     /// it: a committed one has children built on it, a view is immutable,
     /// and an inherited base belongs to the committed parent.
@@ -678,10 +865,12 @@ impl Snapshotter {
         let rec = self.store.read(|tx| tx.require(key))?;
         match rec.kind {
             Kind::Active => {
-                let walk = || self.upper_usage(rec.id);
-                let usage = match &self.watch {
-                    Some(watch) => watch.usage(rec.id, walk),
-                    None => walk(),
+                let walk = || self.upper_usage(rec.id, rec.in_loop_image());
+                let usage = match (&self.watch, rec.enforced_limit()) {
+                    (Some(watch), None) => watch.usage(rec.id, walk),
+                    // A limited upper is on a filesystem or subvolume of
+                    // its own, which the watch does not see.
+                    _ => walk(),
                 };
                 usage.map_err(|e| match e {
                     // Removed while we were about to walk it.
@@ -736,7 +925,7 @@ impl Snapshotter {
             Ok((rec, labels, chain))
         })?;
         if record.kind == Kind::Active {
-            record.usage = self.upper_usage(record.id)?;
+            record.usage = self.upper_usage(record.id, record.in_loop_image())?;
         }
         let path = self.layout.snapshot_dir(record.id);
         Ok(Info {
@@ -752,25 +941,29 @@ impl Snapshotter {
         let mut all = self.store.read(|tx| tx.all())?;
         for (r, _) in &mut all {
             if r.kind == Kind::Active {
-                r.usage = self.upper_usage(r.id).unwrap_or_default();
+                r.usage = self
+                    .upper_usage(r.id, r.in_loop_image())
+                    .unwrap_or_default();
             }
         }
         Ok(all)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn layers(
         &self,
         kind: Kind,
         id: Id,
         ancestors: &[Id],
         has_base: bool,
+        in_image: bool,
         asks: &MountAsks,
         idmap: IdMapping,
     ) -> Layers {
         Layers {
             kind,
-            upper: self.layout.fs(id),
-            work: self.layout.work(id),
+            upper: self.layout.upper(id, in_image),
+            work: self.layout.upper_work(id, in_image),
             parents: ancestors.iter().map(|&p| self.layout.fs(p)).collect(),
             base: has_base.then(|| self.layout.base_dir(id)),
             volatile: asks.volatile,
@@ -780,9 +973,9 @@ impl Snapshotter {
         }
     }
 
-    fn upper_usage(&self, id: Id) -> Result<Usage> {
+    fn upper_usage(&self, id: Id, in_image: bool) -> Result<Usage> {
         tracing::debug!(id, "usage: walking the upper dir");
-        let fs = self.layout.fs(id);
+        let fs = self.layout.upper(id, in_image);
         Ok(crate::usage::disk_usage(&fs)
             .with_context(|| format!("measuring disk usage of {}", fs.display()))?)
     }
@@ -835,6 +1028,65 @@ impl crate::metrics::State for Snapshotter {
     fn missing_trees(&self) -> usize {
         self.missing_trees
     }
+
+    fn limited_snapshots(&self) -> anyhow::Result<Vec<(&'static str, i64)>> {
+        let counts = self.store.read(|tx| tx.limited_counts())?;
+        Ok(Enforcer::ALL
+            .iter()
+            .map(|e| {
+                let n = counts.iter().find(|(c, _)| c == e).map_or(0, |(_, n)| *n);
+                (e.as_str(), n)
+            })
+            .collect())
+    }
+}
+
+/// Sets up what holds a new snapshot's limit, before the transaction:
+/// FailedPrecondition when it cannot be, so that nothing runs unlimited
+/// that asked for a limit.
+fn enforce(dir: &mut NewSnapshotDir, limit: Limit) -> Result<()> {
+    let done = match limit.enforcer {
+        Enforcer::LoopExt4 => dir.enclose_in_image(limit.bytes),
+        Enforcer::BtrfsQgroup => {
+            limit::btrfs::set_limit(dir.path(), Some(limit.bytes)).map_err(anyhow::Error::from)
+        }
+    };
+    done.map_err(|e| {
+        crate::metrics::limit_refused();
+        Error::failed_precondition(format!(
+            "a size limit of {} cannot be enforced with {}: {e:#}",
+            limit::human(limit.bytes),
+            limit.enforcer
+        ))
+    })
+}
+
+/// Start-up: holds every active snapshot to its limit again (after a
+/// reboot no loop image is mounted; a crash inside Commit may have
+/// lifted a qgroup's), and deletes the images Commit lifted but a crash
+/// kept. A failure only warns: Mounts mounts an image again, and says
+/// why it cannot.
+fn hold_limits(layout: &Layout, store: &Store) -> anyhow::Result<()> {
+    for rec in store.read(|tx| tx.limited())? {
+        let held = match (rec.enforced_limit(), rec.limit) {
+            (Some(l), _) if l.enforcer == Enforcer::LoopExt4 => layout.mount_limit_image(rec.id),
+            (Some(l), _) => limit::btrfs::set_limit(&layout.snapshot_dir(rec.id), Some(l.bytes))
+                .map_err(Into::into),
+            (None, Some(l)) if l.enforcer == Enforcer::LoopExt4 => {
+                layout.drop_limit_image(rec.id).map_err(Into::into)
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = held {
+            tracing::warn!(
+                id = rec.id,
+                key = rec.key,
+                error = format!("{e:#}"),
+                "could not hold a snapshot's size limit at start-up"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Says loudly what start-up's reconciliation found, and deletes the

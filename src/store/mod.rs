@@ -73,6 +73,13 @@ const MIGRATIONS: &[&str] = &[
     // 3: the few snapshots on a host base, found without a scan: start-up
     // looks for what a crash left of their pins (`committed_on_bases`).
     "CREATE INDEX snapshots_on_bases ON snapshots(kind) WHERE base IS NOT NULL;",
+    // 4: size limits (`crate::limit`): the bytes, and what enforces them
+    // (1 loop-ext4, 2 btrfs-qgroup). Kept after Commit lifts the limit,
+    // as the record that start-up may have a loop image to clear; the
+    // index finds those few without a scan.
+    "ALTER TABLE snapshots ADD COLUMN max_size INTEGER CHECK (max_size > 0);
+    ALTER TABLE snapshots ADD COLUMN limit_by INTEGER CHECK (limit_by IN (1, 2));
+    CREATE INDEX snapshots_limited ON snapshots(kind) WHERE limit_by IS NOT NULL;",
 ];
 
 pub struct Store {
@@ -244,6 +251,7 @@ pub(super) mod testing {
             parent_id,
             base: None,
             labels,
+            limit: None,
         }
     }
 
@@ -330,6 +338,64 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_is_kept_with_its_enforcer_and_lifted_by_commit_only_in_effect() {
+        use crate::limit::{Enforcer, Limit};
+        let (_dir, store) = testing::open();
+        let none = crate::snapshot::Labels::new();
+        let limit = Limit {
+            bytes: 32 << 20,
+            enforcer: Enforcer::LoopExt4,
+        };
+        let id = store
+            .write(|tx| {
+                let mut n = testing::new(Kind::Active, "c", None, &none);
+                n.limit = Some(limit);
+                tx.insert(&n, crate::snapshot::Timestamp(1))
+            })
+            .unwrap();
+        store
+            .write(|tx| {
+                tx.insert(
+                    &testing::new(Kind::Active, "free", None, &none),
+                    crate::snapshot::Timestamp(1),
+                )
+            })
+            .unwrap();
+        let rec = store.read(|tx| tx.require("c")).unwrap();
+        assert_eq!(rec.enforced_limit(), Some(limit));
+        assert!(rec.in_loop_image());
+        store.write(|tx| tx.set_limit(id, 64 << 20)).unwrap();
+        let counts = store.read(|tx| tx.limited_counts()).unwrap();
+        assert_eq!(counts, vec![(Enforcer::LoopExt4, 1)]);
+        store
+            .write(|tx| {
+                tx.commit(
+                    id,
+                    "done",
+                    &none,
+                    Default::default(),
+                    crate::snapshot::Timestamp(2),
+                )
+            })
+            .unwrap();
+        let rec = store.read(|tx| tx.require("done")).unwrap();
+        assert_eq!(
+            rec.limit.map(|l| l.bytes),
+            Some(64 << 20),
+            "kept as a record"
+        );
+        assert_eq!(rec.enforced_limit(), None, "but no longer in effect");
+        assert!(store.read(|tx| tx.limited_counts()).unwrap().is_empty());
+        let limited: Vec<_> = store
+            .read(|tx| tx.limited())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(limited, ["done"]);
+    }
+
+    #[test]
     fn a_version_1_database_with_rows_upgrades_to_the_fresh_schema_losing_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let old = dir.path().join("old.db");
@@ -346,7 +412,7 @@ mod tests {
                     r.parent.as_str(),
                     (r.created.0, r.updated.0),
                     (r.usage.size, r.usage.inodes),
-                    r.base.is_none(),
+                    r.base.is_none() && r.limit.is_none(),
                     l.len(),
                 )
             })
@@ -381,6 +447,7 @@ mod tests {
                         parent_id: Some(2),
                         base: None,
                         labels: &Default::default(),
+                        limit: None,
                     },
                     crate::snapshot::Timestamp(50),
                 )

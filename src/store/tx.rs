@@ -12,6 +12,7 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{Error, Result};
+use crate::limit::{Enforcer, Limit};
 use crate::snapshot::{Id, Kind, Labels, Snapshot, Timestamp, Usage};
 
 /// A snapshot row without its labels: what the hot paths need.
@@ -27,9 +28,22 @@ pub struct Record {
     pub usage: Usage,
     /// The host base directory at the bottom of the stack, if any.
     pub base: Option<PathBuf>,
+    /// The size limit: enforced while active, lifted at Commit.
+    pub limit: Option<Limit>,
 }
 
 impl Record {
+    /// The limit that holds now: an active snapshot's.
+    pub fn enforced_limit(&self) -> Option<Limit> {
+        self.limit.filter(|_| self.kind == Kind::Active)
+    }
+
+    /// Whether the upper and work dirs are in a loop image.
+    pub fn in_loop_image(&self) -> bool {
+        self.enforced_limit()
+            .is_some_and(|l| l.enforcer == Enforcer::LoopExt4)
+    }
+
     pub fn into_snapshot(self, labels: Labels) -> Snapshot {
         Snapshot {
             id: self.id,
@@ -50,6 +64,7 @@ pub struct NewSnapshot<'a> {
     pub parent_id: Option<Id>,
     pub base: Option<&'a Path>,
     pub labels: &'a Labels,
+    pub limit: Option<Limit>,
 }
 
 /// A connection inside a transaction, read or write, with the queries
@@ -77,7 +92,8 @@ impl Tx<'_> {
 const RECORD_COLUMNS: &str = "s.id AS id, s.kind AS kind, s.key AS key,
      s.parent_id AS parent_id, COALESCE(p.key, '') AS parent,
      s.created_ns AS created_ns, s.updated_ns AS updated_ns,
-     s.size AS size, s.inodes AS inodes, s.base AS base
+     s.size AS size, s.inodes AS inodes, s.base AS base,
+     s.max_size AS max_size, s.limit_by AS limit_by
      FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id";
 
 /// Where each column of [`RECORD_COLUMNS`] is in a statement: found by
@@ -94,6 +110,8 @@ struct RecordColumns {
     size: usize,
     inodes: usize,
     base: usize,
+    max_size: usize,
+    limit_by: usize,
 }
 
 impl RecordColumns {
@@ -110,6 +128,8 @@ impl RecordColumns {
             size: at("size")?,
             inodes: at("inodes")?,
             base: at("base")?,
+            max_size: at("max_size")?,
+            limit_by: at("limit_by")?,
         })
     }
 
@@ -127,6 +147,16 @@ impl RecordColumns {
                 inodes: r.get(self.inodes)?,
             },
             base: r.get::<_, Option<SqlPath>>(self.base)?.map(|p| p.0),
+            limit: match (
+                r.get::<_, Option<i64>>(self.max_size)?,
+                r.get::<_, Option<Enforcer>>(self.limit_by)?,
+            ) {
+                (Some(bytes), Some(enforcer)) => Some(Limit {
+                    bytes: bytes as u64,
+                    enforcer,
+                }),
+                _ => None,
+            },
         })
     }
 }
@@ -144,6 +174,22 @@ impl FromSql for Kind {
         let n = value.as_i64()?;
         Kind::from_i64(n)
             .ok_or_else(|| FromSqlError::Other(format!("unknown snapshot kind {n}").into()))
+    }
+}
+
+/// An enforcer is stored as its number (1 loop-ext4, 2 btrfs-qgroup),
+/// which the schema's CHECK holds to.
+impl ToSql for Enforcer {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(*self as i64))
+    }
+}
+
+impl FromSql for Enforcer {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let n = value.as_i64()?;
+        Enforcer::from_i64(n)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown limit enforcer {n}").into()))
     }
 }
 
@@ -258,15 +304,18 @@ impl Tx<'_> {
     /// already checked that the key is free and the parent committed.
     pub fn insert(&self, new: &NewSnapshot<'_>, now: Timestamp) -> Result<Id> {
         let mut stmt = self.0.prepare_cached(
-            "INSERT INTO snapshots (key, kind, parent_id, base, created_ns, updated_ns)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            "INSERT INTO snapshots (key, kind, parent_id, base, created_ns, updated_ns,
+                 max_size, limit_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
         )?;
         stmt.execute(params![
             new.key,
             new.kind,
             new.parent_id,
             path_bytes(new.base),
-            now
+            now,
+            new.limit.map(|l| l.bytes as i64),
+            new.limit.map(|l| l.enforcer),
         ])?;
         let labels = new.labels;
         let id = self.0.last_insert_rowid();
@@ -421,6 +470,36 @@ impl Tx<'_> {
             .prepare_cached("SELECT id FROM snapshots WHERE kind = ?1 AND base IS NOT NULL")?;
         let rows = stmt.query_map([Kind::Committed], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Every snapshot that has or had a size limit: the few start-up
+    /// holds to their limit, or clears of what Commit lifted.
+    pub fn limited(&self) -> Result<Vec<Record>> {
+        let mut stmt = self.0.prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} WHERE s.limit_by IS NOT NULL ORDER BY s.id"
+        ))?;
+        let cols = RecordColumns::of(&stmt)?;
+        let rows = stmt.query_map([], |r| cols.read(r))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Active snapshots with a limit, by enforcer.
+    pub fn limited_counts(&self) -> Result<Vec<(Enforcer, i64)>> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT limit_by, COUNT(*) FROM snapshots
+             WHERE kind = ?1 AND limit_by IS NOT NULL GROUP BY limit_by",
+        )?;
+        let rows = stmt.query_map([Kind::Active], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Changes the bytes of `id`'s limit, which it has.
+    pub fn set_limit(&self, id: Id, bytes: u64) -> Result<()> {
+        let mut stmt = self.0.prepare_cached(
+            "UPDATE snapshots SET max_size = ?2 WHERE id = ?1 AND limit_by IS NOT NULL",
+        )?;
+        stmt.execute(params![id, bytes as i64])?;
+        Ok(())
     }
 
     /// The ids the database knows, for reconciling with the disk.

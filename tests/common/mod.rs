@@ -269,6 +269,43 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon whose root is a btrfs of its own (a sparse file on
+    /// a loop device, made here) with quotas on, and `config`.
+    pub async fn start_on_btrfs(config: &str) -> Daemon {
+        require_program("mkfs.btrfs", "btrfs-progs");
+        let mut d = Daemon::prepared(|_| config.to_string());
+        let image = d.dir.path().join("btrfs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(2 << 30)
+            .unwrap();
+        stdout_of(
+            Command::new("mkfs.btrfs").arg("-q").arg(&image),
+            "mkfs.btrfs",
+        );
+        std::fs::create_dir_all(&d.root).unwrap();
+        stdout_of(
+            Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&image)
+                .arg(&d.root),
+            "mounting the test's btrfs",
+        );
+        stdout_of(
+            Command::new("btrfs").args(["quota", "enable"]).arg(&d.root),
+            "btrfs quota enable",
+        );
+        d.spawn().await;
+        d
+    }
+
+    /// A daemon with `config`, not started: for
+    /// [`Daemon::start_expecting_failure`].
+    pub fn unstarted(config: &str) -> Daemon {
+        Daemon::prepared(|_| config.to_string())
+    }
+
     /// A daemon's test directory, with its config file written from
     /// `config`, and nothing started yet.
     fn prepared(config: impl FnOnce(&Path) -> String) -> Daemon {
