@@ -318,6 +318,53 @@ async fn a_container_runs_on_a_host_directory_under_the_image_layers() {
     );
 }
 
+async fn a_container_cannot_write_past_its_size_limit() {
+    let d = Daemon::start().await;
+    let ctd = Containerd::start(&d).await;
+    ctd.import_image();
+    let label = format!("{}=16MiB", ontop::limit::ONTOP_MAX_SIZE_LABEL);
+    let out = ctd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "ontop",
+        "--snapshotter-label",
+        &label,
+        common::containerd::IMAGE,
+        "limited",
+        "sh",
+        "-c",
+        "df -k / | tail -1; dd if=/dev/zero of=/big bs=1048576 count=64 2>&1; sync; \
+         echo dd=$?; cat /added/new.txt",
+    ]);
+    assert!(
+        out.contains("No space left on device") || out.contains("Disk quota exceeded"),
+        "the container wrote 64 MiB under a 16 MiB limit:\n{out}"
+    );
+    assert!(out.contains("new in layer 2"), "{out}");
+    // df in the container shows the limit (loop-ext4 on the test's ext4).
+    let total_kib: u64 = out
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no df line:\n{out}"));
+    assert!(
+        (16 * 1024..=(16 + 13) * 1024).contains(&total_kib),
+        "df shows {total_kib} KiB for a 16 MiB limit"
+    );
+    // --rm removed the snapshot: no image, mount or loop device is left.
+    common::containerd::eventually(10, "the limited snapshot's image to go", || {
+        common::mounts_under(&d.root.join("snapshots")).is_empty()
+            && !std::fs::read_dir("/sys/block").unwrap().any(|e| {
+                std::fs::read_to_string(e.unwrap().path().join("loop/backing_file"))
+                    .is_ok_and(|f| f.starts_with(&*d.root.to_string_lossy()))
+            })
+    })
+    .await;
+    d.assert_consistent();
+}
+
 /// What a container sees of its whole root filesystem: every path's type,
 /// mode, owner, and its link target or content digest.
 const ROOTFS_MANIFEST: &str = r#"find / -xdev | sort | while read -r f; do
@@ -733,4 +780,5 @@ on_every_containerd!(
     user_namespaced_containers_see_the_image_owners_mapped,
     without_remap_ids_containerd_2_maps_by_copying_and_ontop_does_not_map_twice,
     parallel_unpack_gives_the_rootfs_of_a_sequential_one_and_of_containerds_overlayfs,
+    a_container_cannot_write_past_its_size_limit,
 );

@@ -169,4 +169,57 @@ async fn kubelets_flow_runs_on_ontop_from_pull_to_garbage_collection() {
     d.assert_consistent();
 }
 
-on_every_containerd!(kubelets_flow_runs_on_ontop_from_pull_to_garbage_collection);
+/// A node's default size limit (docs/size-limits.md): every container's
+/// writable layer stops at it, while the image's layers, unpacked without
+/// one, hold the whole image.
+async fn a_nodes_default_size_limit_holds_every_container() {
+    let d = Daemon::start_with_config("default_max_size = \"32MiB\"\n").await;
+    let registry = Registry::start(&d.dir.path().join("registry"));
+    let image = registry.push(image_archive(), "ontop/e2e:latest");
+    let pause = registry.push(pause_image_archive(), "ontop/pause:latest");
+    let ctd = Containerd::start_cri(&d, &registry.host, &pause).await;
+    let mut cri = Cri::connect(&ctd.socket).await;
+    let dir = d.dir.path();
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let pod_config = host_network_pod("limited-pod", &dir.join("logs"));
+    cri.pull(&image, &pod_config).await;
+    let pod = cri.run_pod(&pod_config).await;
+    let app = cri
+        .create(&pod, sleeper("app", &image, false), &pod_config)
+        .await;
+    cri.start(&app).await;
+    let out = cri
+        .exec(
+            &app,
+            "cat /added/new.txt; dd if=/dev/zero of=/big bs=1048576 count=100 2>&1; sync",
+        )
+        .await;
+    assert!(out.stdout.starts_with("new in layer 2\n"), "{out:?}");
+    assert!(
+        out.stdout.contains("No space left on device")
+            || out.stdout.contains("Disk quota exceeded"),
+        "100 MiB went into a container limited to 32 MiB: {out:?}"
+    );
+    let out = cri
+        .exec(&app, "rm /big; echo fits > /small && cat /small")
+        .await;
+    assert_eq!(out.stdout, "fits\n", "{out:?}");
+    cri.stop_and_remove(&app).await;
+    cri.stop_and_remove_pod(&pod).await;
+    cri.remove_image(&image).await;
+    cri.remove_image(&pause).await;
+    ctd.after_gc(30, "GC to remove every snapshot of the node", || {
+        d.snapshot_dirs().is_empty()
+    })
+    .await;
+    assert!(
+        common::mounts_under(&d.root.join("snapshots")).is_empty(),
+        "an image is still mounted"
+    );
+    d.assert_consistent();
+}
+
+on_every_containerd!(
+    kubelets_flow_runs_on_ontop_from_pull_to_garbage_collection,
+    a_nodes_default_size_limit_holds_every_container,
+);
