@@ -123,7 +123,7 @@ pub struct FileConfig {
     pub slow_call_seconds: Option<f64>,
     /// A size such as "10GiB"; "0" or absent: unlimited.
     pub default_max_size: Option<String>,
-    /// "auto", "btrfs-qgroup" or "loop-ext4".
+    /// "auto", "project-quota", "btrfs-qgroup" or "loop-ext4".
     pub limit_enforcer: Option<String>,
 }
 
@@ -283,7 +283,7 @@ impl Config {
                         .find(|e| e.as_str() == name)
                         .ok_or_else(|| {
                             anyhow!(
-                                "limit_enforcer {name:?} is not one of \"auto\", \"btrfs-qgroup\", \"loop-ext4\""
+                                "limit_enforcer {name:?} is not one of \"auto\", \"project-quota\", \"btrfs-qgroup\", \"loop-ext4\""
                             )
                         })?,
                 ),

@@ -287,6 +287,8 @@ impl Snapshotter {
         // at once rather than one after another in the batch.
         dir.sync().context("syncing the new snapshot directory")?;
         let installed: Cell<Option<Id>> = Cell::new(None);
+        // A project quota set in a transaction that did not commit.
+        let quotaed: Cell<Option<(Id, Limit)>> = Cell::new(None);
         let result = self.store.write(|tx| {
             // containerd checks the parent before the key.
             let parent_rec = match parent {
@@ -329,6 +331,10 @@ impl Snapshotter {
                 },
                 Timestamp::now(),
             )?;
+            if let Some(l) = limit.filter(|l| l.enforcer == Enforcer::ProjectQuota) {
+                quota_new_snapshot(&dir, id, l)?;
+                quotaed.set(Some((id, l)));
+            }
             let mut ancestors = Vec::new();
             if let Some(pid) = parent_id {
                 ancestors.push(pid);
@@ -380,6 +386,12 @@ impl Snapshotter {
                 // directory we renamed into place: take it back out.
                 if let Some(id) = installed.get() {
                     self.reclaim(id, Pins::Unknown);
+                }
+                if let Some((id, l)) = quotaed.get() {
+                    let dir = self.layout.snapshot_dir(id);
+                    if let Err(e) = limit::set_quota(l.enforcer, &dir, id, None) {
+                        tracing::warn!(id, error = %e, "could not lift the quota of a snapshot that was not made");
+                    }
                 }
                 Err(e)
             }
@@ -504,13 +516,14 @@ impl Snapshotter {
                 .sync()
                 .with_context(|| format!("syncing the data of snapshot {key:?}"))?;
         }
-        // Lifted before the transaction, and put back if it fails: a crash
-        // in between leaves an active snapshot that start-up limits again.
-        let qgroup = rec
+        // A quota is lifted before the transaction, and put back if it
+        // fails: a crash in between leaves an active snapshot that
+        // start-up limits again.
+        let quota = rec
             .enforced_limit()
-            .filter(|l| l.enforcer == Enforcer::BtrfsQgroup);
-        if qgroup.is_some() {
-            limit::btrfs::set_limit(&self.layout.snapshot_dir(rec.id), None)
+            .filter(|l| l.enforcer != Enforcer::LoopExt4);
+        if let Some(l) = quota {
+            limit::set_quota(l.enforcer, &self.layout.snapshot_dir(rec.id), rec.id, None)
                 .with_context(|| format!("lifting the size limit of snapshot {key:?}"))?;
         }
         let committed = self.store.write(|tx| {
@@ -576,10 +589,9 @@ impl Snapshotter {
         let unpin = match committed {
             Ok(unpin) => unpin,
             Err(e) => {
-                if let Some(l) = qgroup {
-                    if let Err(e) =
-                        limit::btrfs::set_limit(&self.layout.snapshot_dir(rec.id), Some(l.bytes))
-                    {
+                if let Some(l) = quota {
+                    let dir = self.layout.snapshot_dir(rec.id);
+                    if let Err(e) = limit::set_quota(l.enforcer, &dir, rec.id, Some(l.bytes)) {
                         tracing::warn!(id = rec.id, error = %e, "could not put back a size limit after a failed Commit; start-up will");
                     }
                 }
@@ -608,7 +620,22 @@ impl Snapshotter {
     /// The directory goes afterwards and needs no sync: a power cut first
     /// leaves a directory without a row, which start-up clears.
     pub fn remove(&self, key: &str) -> Result<()> {
-        let (id, pins) = self.store.write(|tx| {
+        // A project's limit outlives its files: it goes before the row, so
+        // that a crash in between leaves a row that start-up limits again,
+        // never a limit no row knows.
+        let quota = match self.limits.chosen {
+            Ok(Enforcer::ProjectQuota) => self
+                .store
+                .read(|tx| tx.record(key))?
+                .and_then(|r| Some((r.id, r.enforced_limit()?)))
+                .filter(|(_, l)| l.enforcer == Enforcer::ProjectQuota),
+            _ => None,
+        };
+        if let Some((id, l)) = quota {
+            limit::set_quota(l.enforcer, &self.layout.snapshot_dir(id), id, None)
+                .with_context(|| format!("lifting the size limit of snapshot {key:?}"))?;
+        }
+        let removed = self.store.write(|tx| {
             let rec = tx.require(key)?;
             if tx.has_children(rec.id)? {
                 return Err(Error::failed_precondition(format!(
@@ -621,7 +648,19 @@ impl Snapshotter {
                 None => Pins::None,
             };
             Ok((rec.id, pins))
-        })?;
+        });
+        let (id, pins) = match removed {
+            Ok(removed) => removed,
+            Err(e) => {
+                if let Some((id, l)) = quota {
+                    let dir = self.layout.snapshot_dir(id);
+                    if let Err(e) = limit::set_quota(l.enforcer, &dir, id, Some(l.bytes)) {
+                        tracing::warn!(id, error = %e, "could not put back a size limit after a failed Remove; start-up will");
+                    }
+                }
+                return Err(e);
+            }
+        };
         if let Some(watch) = &self.watch {
             watch.forget(id);
         }
@@ -796,7 +835,7 @@ impl Snapshotter {
                 asked,
             )
             .with_context(|| format!("growing the image of snapshot {key:?}"))?,
-            Enforcer::BtrfsQgroup => {
+            Enforcer::BtrfsQgroup | Enforcer::ProjectQuota => {
                 if asked < current.bytes {
                     let used = self.upper_usage(rec.id, false)?;
                     if used.size as u64 > asked {
@@ -807,7 +846,7 @@ impl Snapshotter {
                         )));
                     }
                 }
-                limit::btrfs::set_limit(&dir, Some(asked))
+                limit::set_quota(current.enforcer, &dir, rec.id, Some(asked))
                     .with_context(|| format!("setting the size limit of snapshot {key:?}"))?;
             }
         }
@@ -1041,6 +1080,22 @@ impl crate::metrics::State for Snapshotter {
     }
 }
 
+/// Gives a new snapshot, in the transaction that made its id, the project
+/// that holds its limit.
+fn quota_new_snapshot(dir: &NewSnapshotDir, id: Id, limit: Limit) -> Result<()> {
+    let done = limit::project::assign(&dir.fs(), id)
+        .and_then(|()| limit::project::assign(&dir.path().join("work"), id))
+        .and_then(|()| limit::project::set_limit(dir.path(), id, Some(limit.bytes)));
+    done.map_err(|e| {
+        crate::metrics::limit_refused();
+        Error::failed_precondition(format!(
+            "a size limit of {} cannot be enforced with {}: {e}",
+            limit::human(limit.bytes),
+            limit.enforcer
+        ))
+    })
+}
+
 /// Sets up what holds a new snapshot's limit, before the transaction:
 /// FailedPrecondition when it cannot be, so that nothing runs unlimited
 /// that asked for a limit.
@@ -1050,6 +1105,8 @@ fn enforce(dir: &mut NewSnapshotDir, limit: Limit) -> Result<()> {
         Enforcer::BtrfsQgroup => {
             limit::btrfs::set_limit(dir.path(), Some(limit.bytes)).map_err(anyhow::Error::from)
         }
+        // Needs the snapshot's id: see `quota_new_snapshot`.
+        Enforcer::ProjectQuota => Ok(()),
     };
     done.map_err(|e| {
         crate::metrics::limit_refused();
@@ -1070,10 +1127,17 @@ fn hold_limits(layout: &Layout, store: &Store) -> anyhow::Result<()> {
     for rec in store.read(|tx| tx.limited())? {
         let held = match (rec.enforced_limit(), rec.limit) {
             (Some(l), _) if l.enforcer == Enforcer::LoopExt4 => layout.mount_limit_image(rec.id),
-            (Some(l), _) => limit::btrfs::set_limit(&layout.snapshot_dir(rec.id), Some(l.bytes))
-                .map_err(Into::into),
+            (Some(l), _) => {
+                limit::set_quota(l.enforcer, &layout.snapshot_dir(rec.id), rec.id, Some(l.bytes))
+                    .map_err(Into::into)
+            }
             (None, Some(l)) if l.enforcer == Enforcer::LoopExt4 => {
                 layout.drop_limit_image(rec.id).map_err(Into::into)
+            }
+            // A quota lifted at Commit, or by a Remove a crash cut short.
+            (None, Some(l)) => {
+                limit::set_quota(l.enforcer, &layout.snapshot_dir(rec.id), rec.id, None)
+                    .map_err(Into::into)
             }
             _ => Ok(()),
         };

@@ -2,9 +2,11 @@
 //! asks for, and which enforcer holds it.
 //!
 //! A limit comes from a label (ontop's own first, then containerd's
-//! generic hint), or from the daemon's default for containers. Two
+//! generic hint), or from the daemon's default for containers. Three
 //! enforcers hold it, each where it works:
 //!
+//! - [`project`]: XFS or ext4 project quotas; writes past it get EDQUOT
+//!   (ENOSPC on XFS). Paths stay as for any snapshot.
 //! - [`btrfs`]: the snapshot's directory is a subvolume with a qgroup
 //!   limit; writes past it get EDQUOT. Paths stay as for any snapshot.
 //! - [`loop_ext4`]: an ext4 image on a loop device, mounted at
@@ -20,6 +22,7 @@ use crate::snapshot::{Kind, Labels};
 
 pub mod btrfs;
 pub mod loop_ext4;
+pub mod project;
 
 /// containerd's generic hint (2.4+): decimal bytes.
 pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
@@ -36,6 +39,7 @@ pub const MIN_LIMIT: u64 = 1 << 20;
 pub enum Enforcer {
     LoopExt4 = 1,
     BtrfsQgroup = 2,
+    ProjectQuota = 3,
 }
 
 impl Enforcer {
@@ -43,6 +47,7 @@ impl Enforcer {
         match v {
             1 => Some(Enforcer::LoopExt4),
             2 => Some(Enforcer::BtrfsQgroup),
+            3 => Some(Enforcer::ProjectQuota),
             _ => None,
         }
     }
@@ -52,10 +57,17 @@ impl Enforcer {
         match self {
             Enforcer::LoopExt4 => "loop-ext4",
             Enforcer::BtrfsQgroup => "btrfs-qgroup",
+            Enforcer::ProjectQuota => "project-quota",
         }
     }
 
-    pub const ALL: [Enforcer; 2] = [Enforcer::BtrfsQgroup, Enforcer::LoopExt4];
+    /// In order of preference: a quota needs no mount of its own; a loop
+    /// image works anywhere.
+    pub const ALL: [Enforcer; 3] = [
+        Enforcer::ProjectQuota,
+        Enforcer::BtrfsQgroup,
+        Enforcer::LoopExt4,
+    ];
 }
 
 impl fmt::Display for Enforcer {
@@ -186,6 +198,24 @@ pub fn wanted(
     })
 }
 
+/// Sets, or lifts (None), the limit of snapshot `id` that a quota holds;
+/// `dir` is its directory, `snapshots/<id>`, which a project's limit
+/// outlives. A loop image is not a quota: nothing to do.
+pub fn set_quota(
+    enforcer: Enforcer,
+    dir: &std::path::Path,
+    id: crate::snapshot::Id,
+    bytes: Option<u64>,
+) -> std::io::Result<()> {
+    match enforcer {
+        Enforcer::BtrfsQgroup => btrfs::set_limit(dir, bytes),
+        Enforcer::ProjectQuota => {
+            project::set_limit(dir.parent().unwrap_or(dir), id, bytes)
+        }
+        Enforcer::LoopExt4 => Ok(()),
+    }
+}
+
 /// Which enforcers work under the root, found once at start-up, and
 /// which one new limits use.
 #[derive(Debug, Clone)]
@@ -197,8 +227,8 @@ pub struct LimitPolicy {
 }
 
 impl LimitPolicy {
-    /// Tries `forced`, or each enforcer in order of preference (a quota
-    /// needs no mount; a loop image works anywhere), on the root's
+    /// Tries `forced`, or each enforcer in order of preference
+    /// ([`Enforcer::ALL`]), on the root's
     /// filesystem. With a default limit and nothing that can hold it,
     /// the daemon must not start: every container would run unlimited.
     pub fn probe(
@@ -215,6 +245,7 @@ impl LimitPolicy {
         let mut chosen = None;
         for e in candidates {
             let works = match e {
+                Enforcer::ProjectQuota => project::probe(scratch),
                 Enforcer::BtrfsQgroup => btrfs::probe(scratch),
                 Enforcer::LoopExt4 => loop_ext4::probe(),
             };

@@ -74,11 +74,11 @@ const MIGRATIONS: &[&str] = &[
     // looks for what a crash left of their pins (`committed_on_bases`).
     "CREATE INDEX snapshots_on_bases ON snapshots(kind) WHERE base IS NOT NULL;",
     // 4: size limits (`crate::limit`): the bytes, and what enforces them
-    // (1 loop-ext4, 2 btrfs-qgroup). Kept after Commit lifts the limit,
+    // (1 loop-ext4, 2 btrfs-qgroup, 3 project-quota). Kept after Commit lifts the limit,
     // as the record that start-up may have a loop image to clear; the
     // index finds those few without a scan.
     "ALTER TABLE snapshots ADD COLUMN max_size INTEGER CHECK (max_size > 0);
-    ALTER TABLE snapshots ADD COLUMN limit_by INTEGER CHECK (limit_by IN (1, 2));
+    ALTER TABLE snapshots ADD COLUMN limit_by INTEGER CHECK (limit_by IN (1, 2, 3));
     CREATE INDEX snapshots_limited ON snapshots(kind) WHERE limit_by IS NOT NULL;",
 ];
 

@@ -177,7 +177,8 @@ impl FromSql for Kind {
     }
 }
 
-/// An enforcer is stored as its number (1 loop-ext4, 2 btrfs-qgroup),
+/// An enforcer is stored as its number (1 loop-ext4, 2 btrfs-qgroup, 3
+/// project-quota),
 /// which the schema's CHECK holds to.
 impl ToSql for Enforcer {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
