@@ -1127,10 +1127,13 @@ fn hold_limits(layout: &Layout, store: &Store) -> anyhow::Result<()> {
     for rec in store.read(|tx| tx.limited())? {
         let held = match (rec.enforced_limit(), rec.limit) {
             (Some(l), _) if l.enforcer == Enforcer::LoopExt4 => layout.mount_limit_image(rec.id),
-            (Some(l), _) => {
-                limit::set_quota(l.enforcer, &layout.snapshot_dir(rec.id), rec.id, Some(l.bytes))
-                    .map_err(Into::into)
-            }
+            (Some(l), _) => limit::set_quota(
+                l.enforcer,
+                &layout.snapshot_dir(rec.id),
+                rec.id,
+                Some(l.bytes),
+            )
+            .map_err(Into::into),
             (None, Some(l)) if l.enforcer == Enforcer::LoopExt4 => {
                 layout.drop_limit_image(rec.id).map_err(Into::into)
             }

@@ -5,8 +5,8 @@
 //! generic hint), or from the daemon's default for containers. Three
 //! enforcers hold it, each where it works:
 //!
-//! - [`project`]: XFS or ext4 project quotas; writes past it get EDQUOT
-//!   (ENOSPC on XFS). Paths stay as for any snapshot.
+//! - [`project`]: XFS project quotas; writes past it get ENOSPC. Paths
+//!   stay as for any snapshot.
 //! - [`btrfs`]: the snapshot's directory is a subvolume with a qgroup
 //!   limit; writes past it get EDQUOT. Paths stay as for any snapshot.
 //! - [`loop_ext4`]: an ext4 image on a loop device, mounted at
@@ -209,9 +209,7 @@ pub fn set_quota(
 ) -> std::io::Result<()> {
     match enforcer {
         Enforcer::BtrfsQgroup => btrfs::set_limit(dir, bytes),
-        Enforcer::ProjectQuota => {
-            project::set_limit(dir.parent().unwrap_or(dir), id, bytes)
-        }
+        Enforcer::ProjectQuota => project::set_limit(dir.parent().unwrap_or(dir), id, bytes),
         Enforcer::LoopExt4 => Ok(()),
     }
 }

@@ -1,6 +1,7 @@
 //! A qemu guest under software emulation: Debian's kernel, a busybox
-//! initramfs holding the release `ontop` and the workload, and one disk
-//! whose every write qemu's `blklogwrites` records.
+//! initramfs holding the release `ontop` and a workload, and one disk
+//! whose every write qemu's `blklogwrites` records. Shared by the
+//! power-cut test and the size-limit guest test (tests/limits_guest.rs).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,8 @@ pub const FS_BYTES: u64 = 384 << 20;
 const DISK_BYTES: u64 = MARKERS_AT + (64 << 20);
 
 /// The kernel modules the guest loads, with what they need: the disk, the
-/// three filesystems, crc32c for their checksums, and overlay, which
-/// ontop's start-up looks for.
+/// three filesystems, crc32c for their checksums, overlay, which ontop's
+/// start-up looks for, and for size limits ext4's quota format and loop.
 const MODULES: &[&str] = &[
     "crc32c_generic",
     "virtio_pci",
@@ -26,9 +27,12 @@ const MODULES: &[&str] = &[
     "xfs",
     "btrfs",
     "overlay",
+    "quota_v2",
+    "loop",
 ];
 
-const INIT: &str = r#"#!/bin/busybox sh
+/// The power-cut test's init: `@MARKERS@` and `@ARGS@` are filled in.
+pub const POWERCUT_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -42,6 +46,27 @@ mount -t "$fs" /dev/vda /mnt || { echo "POWERCUT: mount failed"; poweroff -f; }
 echo "POWERCUT: workload exited $?"
 poweroff -f
 "#;
+
+/// The release build of every binary of the workspace, made once per
+/// test process in `target/package` (shared with the package test).
+pub fn release_dir() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let target = root.join("target/package");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            common::stdout_of(
+                Command::new(cargo)
+                    .args(["build", "--release", "--locked", "--workspace", "--bins"])
+                    .current_dir(root)
+                    .env("CARGO_TARGET_DIR", &target),
+                "cargo build --release",
+            );
+            target.join("release")
+        })
+        .clone()
+}
 
 pub struct Kernel {
     pub image: PathBuf,
@@ -137,14 +162,9 @@ fn install_binary(bin: &Path, as_name: &str, root: &Path) {
     }
 }
 
-/// Builds the initramfs: busybox, the modules, ontop and the workload.
-pub fn initramfs(
-    kernel: &Kernel,
-    ontop: &Path,
-    workload: &Path,
-    args: &str,
-    dir: &Path,
-) -> PathBuf {
+/// Builds the initramfs: busybox, the modules, `init`, and `binaries`
+/// (path, and the name it gets in `/usr/bin`) with their libraries.
+pub fn initramfs(kernel: &Kernel, init: &str, binaries: &[(&Path, &str)], dir: &Path) -> PathBuf {
     let root = dir.join("initramfs");
     for d in ["bin", "proc", "sys", "dev", "modules", "lib64", "lib"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
@@ -168,11 +188,9 @@ pub fn initramfs(
         )
         .unwrap();
     }
-    install_binary(ontop, "ontop", &root);
-    install_binary(workload, "ontop-powercut", &root);
-    let init = INIT
-        .replace("@MARKERS@", &MARKERS_AT.to_string())
-        .replace("@ARGS@", args);
+    for (bin, name) in binaries {
+        install_binary(bin, name, &root);
+    }
     std::fs::write(root.join("init"), init).unwrap();
     common::stdout_of(
         Command::new("chmod").arg("755").arg(root.join("init")),
@@ -196,11 +214,17 @@ pub fn initramfs(
 /// A fresh disk with an empty filesystem of type `fs` in its first
 /// [`FS_BYTES`], made on the host, so the log holds only the guest's work.
 pub fn make_disk(fs: &str, path: &Path) {
+    make_disk_with(fs, path, &[]);
+}
+
+/// [`make_disk`] with more mkfs options, such as ext4's quota features.
+pub fn make_disk_with(fs: &str, path: &Path, options: &[&str]) {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(DISK_BYTES).unwrap();
     drop(f);
     let size = FS_BYTES.to_string();
     let mut mkfs = Command::new(format!("mkfs.{fs}"));
+    mkfs.args(options);
     match fs {
         "ext4" => mkfs
             .args(["-q", "-F"])
@@ -217,8 +241,16 @@ pub fn make_disk(fs: &str, path: &Path) {
 }
 
 /// Boots the guest on `disk`, every write logged into `log`, and waits for
-/// the workload to finish. Returns the guest's console.
-pub fn run(kernel: &Kernel, initramfs: &Path, fs: &str, disk: &Path, log: &Path) -> String {
+/// the console to say `done` (what the init prints once the workload
+/// succeeded). Returns the guest's console.
+pub fn run(
+    kernel: &Kernel,
+    initramfs: &Path,
+    fs: &str,
+    disk: &Path,
+    log: &Path,
+    done: &str,
+) -> String {
     common::require_program("qemu-system-x86_64", "apt-get install qemu-system-x86");
     std::fs::File::create(log).unwrap();
     let console = log.with_extension("console");
@@ -283,7 +315,7 @@ pub fn run(kernel: &Kernel, initramfs: &Path, fs: &str, disk: &Path, log: &Path)
         "qemu exited with {status}: {stderr}\n{out}"
     );
     assert!(
-        out.contains("POWERCUT: workload exited 0"),
+        out.contains(done),
         "the workload failed in the guest:\n{out}"
     );
     out

@@ -22,7 +22,6 @@ mod log;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use ontop::containerd_api::snapshots::v1 as api;
 use ontop_tools::client::{Namespace, Snapshots};
@@ -68,8 +67,23 @@ async fn power_cuts(fs: &str) {
     );
     guest::make_disk(fs, &disk);
     sparse_copy(&disk, &pristine);
-    let initramfs = guest::initramfs(&kernel, &ontop, &workload, "--tasks 3 --ops 40", dir.path());
-    guest::run(&kernel, &initramfs, fs, &disk, &log);
+    let init = guest::POWERCUT_INIT
+        .replace("@MARKERS@", &guest::MARKERS_AT.to_string())
+        .replace("@ARGS@", "--tasks 3 --ops 40");
+    let initramfs = guest::initramfs(
+        &kernel,
+        &init,
+        &[(&ontop, "ontop"), (&workload, "ontop-powercut")],
+        dir.path(),
+    );
+    guest::run(
+        &kernel,
+        &initramfs,
+        fs,
+        &disk,
+        &log,
+        "POWERCUT: workload exited 0",
+    );
 
     let log = log::Log::open(&log).unwrap();
     let flushes = log.flushes();
@@ -140,20 +154,7 @@ fn sparse_copy(from: &Path, to: &Path) {
 /// and the workload, built in the target directory the package test
 /// builds in, so the suite compiles them once.
 fn release_binaries() -> (PathBuf, PathBuf) {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let release = BUILT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let target = root.join("target/package");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        common::stdout_of(
-            Command::new(cargo)
-                .args(["build", "--release", "--locked", "--workspace", "--bins"])
-                .current_dir(root)
-                .env("CARGO_TARGET_DIR", &target),
-            "cargo build --release",
-        );
-        target.join("release")
-    });
+    let release = guest::release_dir();
     let ontop = std::env::var_os("ONTOP_POWERCUT_ONTOP")
         .map(PathBuf::from)
         .unwrap_or_else(|| release.join("ontop"));
