@@ -4,7 +4,8 @@
 //! directories the database does not know, snapshots whose directories are
 //! gone, base pins that hold another directory than the base's path now
 //! shows or that should not be there, a host base that can no longer be
-//! reached safely, broken parent links and a damaged database. With `repair` it
+//! reached safely, size limits not in force or left behind, broken parent
+//! links and a damaged database. With `repair` it
 //! fixes what can be fixed without losing or inventing data, and reports
 //! the rest as needing a person.
 //!
@@ -50,6 +51,14 @@ pub enum Problem {
     /// The host base cannot be reached safely: gone, not a directory, or
     /// behind a symlink.
     MissingBase { id: Id, key: String, why: String },
+    /// An active snapshot's size limit is not in force: its loop image is
+    /// not mounted, or its project's limit differs from the record.
+    LimitNotHeld { id: Id, key: String, what: String },
+    /// An active snapshot's loop image is gone, with what was written in it.
+    LostImage { id: Id, key: String },
+    /// What held a limit Commit lifted is still there: a loop image, or a
+    /// project's limit.
+    LimitLeftover { id: Id, key: String, what: String },
 }
 
 impl Problem {
@@ -58,12 +67,14 @@ impl Problem {
     pub fn repairable(&self) -> bool {
         match self {
             Problem::MissingTree { kind, .. } => *kind != Kind::Committed,
-            Problem::Database(_) | Problem::MissingBase { .. } => false,
+            Problem::Database(_) | Problem::MissingBase { .. } | Problem::LostImage { .. } => false,
             Problem::OrphanDir(_)
             | Problem::Leftover(_)
             | Problem::MissingWork { .. }
             | Problem::StaleBasePin { .. }
-            | Problem::StrayBasePin { .. } => true,
+            | Problem::StrayBasePin { .. }
+            | Problem::LimitNotHeld { .. }
+            | Problem::LimitLeftover { .. } => true,
         }
     }
 }
@@ -109,6 +120,18 @@ impl fmt::Display for Problem {
             Problem::MissingBase { id, key, why } => write!(
                 f,
                 "snapshot {key:?} (id {id}): {why}; restore it, or remove the snapshot"
+            ),
+            Problem::LimitNotHeld { id, key, what } => {
+                write!(f, "the size limit of snapshot {key:?} (id {id}) is not in force: {what}")
+            }
+            Problem::LostImage { id, key } => write!(
+                f,
+                "active snapshot {key:?} (id {id}) has lost its loop image snapshots/{id}/limit.img, \
+                 and what was written in it: remove the snapshot"
+            ),
+            Problem::LimitLeftover { id, key, what } => write!(
+                f,
+                "snapshot {key:?} (id {id}) is committed, but {what} is still there"
             ),
         }
     }
@@ -180,6 +203,7 @@ pub fn run(
                 });
             }
             findings.extend(check_base(layout, rec, repair));
+            findings.extend(check_limit(layout, rec, repair));
         }
         if repair {
             // Under the write lock, as Cleanup does: nothing is being
@@ -208,6 +232,79 @@ pub fn run(
         }
     }
     Ok(findings)
+}
+
+/// The limit of `rec` against what holds it: in force while active, gone
+/// once committed. (A btrfs qgroup's limit is not read back: start-up
+/// sets every active one again.)
+fn check_limit(layout: &Layout, rec: &Record, repair: bool) -> Option<Finding> {
+    use crate::limit::{project, Enforcer};
+    let limit = rec.limit?;
+    let (id, key) = (rec.id, rec.key.clone());
+    let image = layout.limit_image(id);
+    let mounted = pin::is_mount_point(&layout.limit_dir(id)).unwrap_or(false);
+    let dir = layout.snapshot_dir(id);
+    let finding = |problem: Problem, fix: &dyn Fn() -> anyhow::Result<()>| {
+        let repaired = repair
+            && fix()
+                .inspect_err(|e| tracing::warn!(id, error = %format!("{e:#}"), "could not repair a size limit"))
+                .is_ok();
+        Some(Finding { problem, repaired })
+    };
+    match (rec.enforced_limit(), limit.enforcer) {
+        (Some(_), Enforcer::LoopExt4) if !image.exists() => Some(Finding {
+            problem: Problem::LostImage { id, key },
+            repaired: false,
+        }),
+        (Some(_), Enforcer::LoopExt4) if !mounted => finding(
+            Problem::LimitNotHeld {
+                id,
+                key,
+                what: format!("its loop image is not mounted on snapshots/{id}/limit"),
+            },
+            &|| layout.mount_limit_image(id),
+        ),
+        (Some(l), Enforcer::ProjectQuota) => {
+            let set = project::limit(&dir, id).ok()?;
+            (set != l.bytes).then_some(())?;
+            finding(
+                Problem::LimitNotHeld {
+                    id,
+                    key,
+                    what: format!(
+                        "its project {} has a limit of {set} bytes, not {}",
+                        project::project_of(id),
+                        l.bytes
+                    ),
+                },
+                &|| {
+                    Ok(crate::limit::set_quota(
+                        l.enforcer,
+                        &dir,
+                        id,
+                        Some(l.bytes),
+                    )?)
+                },
+            )
+        }
+        (None, Enforcer::LoopExt4) if mounted || image.exists() => finding(
+            Problem::LimitLeftover {
+                id,
+                key,
+                what: format!("its loop image snapshots/{id}/limit.img"),
+            },
+            &|| Ok(layout.drop_limit_image(id)?),
+        ),
+        (None, Enforcer::ProjectQuota) if project::limit(&dir, id).ok()? != 0 => finding(
+            Problem::LimitLeftover {
+                id,
+                key,
+                what: format!("the limit of its project {}", project::project_of(id)),
+            },
+            &|| Ok(crate::limit::set_quota(limit.enforcer, &dir, id, None)?),
+        ),
+        _ => None,
+    }
 }
 
 /// What start-up found when it set the database against `snapshots/`.

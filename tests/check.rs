@@ -186,3 +186,86 @@ async fn start_up_sets_rows_against_directories_and_says_what_is_lost() {
     let (out, text) = check(&["--address", &sock]);
     assert!(out.status.success(), "{text}");
 }
+
+/// The id of an active snapshot from the upper dir its mounts name:
+/// `.../snapshots/<id>/limit/fs` for one in a loop image.
+fn id_in(mounts: &[ontop::containerd_api::types::Mount]) -> String {
+    let upper = mounts
+        .iter()
+        .flat_map(|m| &m.options)
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(str::to_string)
+        .unwrap_or_else(|| mounts[0].source.clone());
+    let after = upper.split("/snapshots/").nth(1).unwrap();
+    after.split('/').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_size_limit_not_in_force_or_left_behind_is_found_and_repaired() {
+    const LIMIT: &str = "containerd.io/snapshot/ontop.max-size";
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let snapshots = d.root.join("snapshots");
+    // An image someone unmounted.
+    let id = id_in(
+        &c.prepare_with("a", "", labels(&[(LIMIT, "16MiB")]))
+            .await
+            .unwrap(),
+    );
+    nix::mount::umount2(
+        &snapshots.join(&id).join("limit"),
+        nix::mount::MntFlags::MNT_DETACH,
+    )
+    .unwrap();
+    // A committed layer with an image a crash kept.
+    let b = id_in(
+        &c.prepare_with("b", "", labels(&[(LIMIT, "16MiB")]))
+            .await
+            .unwrap(),
+    );
+    c.commit("b1", "b").await.unwrap();
+    fs::write(snapshots.join(&b).join("limit.img"), "left").unwrap();
+    // An image lost, with its data.
+    let lost = id_in(
+        &c.prepare_with("c", "", labels(&[(LIMIT, "16MiB")]))
+            .await
+            .unwrap(),
+    );
+    nix::mount::umount2(
+        &snapshots.join(&lost).join("limit"),
+        nix::mount::MntFlags::MNT_DETACH,
+    )
+    .unwrap();
+    fs::remove_file(snapshots.join(&lost).join("limit.img")).unwrap();
+
+    let socket = d.socket.display().to_string();
+    let (out, text) = check(&["--address", &socket]);
+    assert!(!out.status.success(), "{text}");
+    let found = lines_with(&text, "repairable with --repair");
+    assert_eq!(found.len(), 2, "{text}");
+    assert!(
+        text.contains("\"a\"") && text.contains("not mounted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"b1\"") && text.contains("limit.img"),
+        "{text}"
+    );
+    let person = lines_with(&text, "needs a person");
+    assert_eq!(person.len(), 1, "{text}");
+    assert!(
+        person[0].contains("\"c\"") && person[0].contains("lost its loop image"),
+        "{text}"
+    );
+
+    let (_, text) = check(&["--repair", "--address", &socket]);
+    assert_eq!(lines_with(&text, "repaired").len(), 2, "{text}");
+    assert!(
+        ontop::pin::is_mount_point(&snapshots.join(&id).join("limit")).unwrap(),
+        "{text}"
+    );
+    assert!(!snapshots.join(&b).join("limit.img").exists(), "{text}");
+    c.remove("c").await.unwrap();
+    let (out, text) = check(&["--address", &socket]);
+    assert!(out.status.success(), "{text}");
+}
