@@ -20,7 +20,16 @@
 #      `many`) pulled from a local registry (on 2.2+ a parallel unpack,
 #      with ontop's `rebase`), overlayfs against ontop.
 #
-# Usage: bash scripts/bench.sh [--quick]
+#   4. size limits: ontop without limits against ontop with a limit on
+#      every container (default_max_size) held by each enforcer this
+#      machine has: loop-ext4 on its own filesystem, and on a btrfs the
+#      run makes (on a loop device, quotas on) ontop without a limit
+#      against btrfs-qgroup. Prepare+Commit directly, then image import
+#      and `ctr run --rm` through one containerd with all four behind
+#      [proxy_plugins]. (XFS project quotas need a quota-capable kernel:
+#      see tests/limits_guest.rs.)
+#
+# Usage: bash scripts/bench.sh [--quick] [--only-limits]
 # REFPROXY: the refproxy binary, for run 1 (skipped without it).
 # Results: target/bench/{direct,containerd,containerd2}.json.
 source "$(dirname "$0")/lib.sh"
@@ -32,7 +41,14 @@ fetch_debian_containerds
 ctd2=${ONTOP_CONTAINERD_EXTRA_BIN:-$PWD/target/containerd/2.1/usr/bin}
 
 quick=()
-[ "${1:-}" = --quick ] && quick=(--quick)
+only_limits=
+for arg in "$@"; do
+  case $arg in
+    --quick) quick=(--quick) ;;
+    --only-limits) only_limits=1 ;;
+    *) die "unknown argument $arg" ;;
+  esac
+done
 refproxy=
 if [ -n "${REFPROXY:-}" ]; then
   refproxy=$(realpath "$REFPROXY") || die "REFPROXY=$REFPROXY does not exist"
@@ -43,6 +59,24 @@ ontop=$PWD/target/release/ontop
 out=$PWD/target/bench
 mkdir -p "$out"
 
+work=$(mktemp -d /tmp/ontop-bench-containerd.XXXXXX)
+cleanup() {
+  set +e
+  for pidfile in "$work"/run*/containerd.pid; do
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null
+  done
+  [ -n "${ontop_pid:-}" ] && kill "$ontop_pid" 2>/dev/null
+  [ -n "${ontop2_pid:-}" ] && kill "$ontop2_pid" 2>/dev/null
+  [ -n "${registry_pid:-}" ] && kill "$registry_pid" 2>/dev/null
+  for pid in "${limit_pids[@]}"; do kill "$pid" 2>/dev/null; done
+  sleep 1
+  grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+limit_pids=()
+
+if [ -z "$only_limits" ]; then
 if [ -n "$refproxy" ]; then
   echo "== 1. direct: refproxy against ontop"
   [ ${#quick[@]} = 0 ] && settle_filesystem
@@ -54,20 +88,6 @@ else
 fi
 
 echo "== 2. through containerd: built-in overlayfs against ontop"
-work=$(mktemp -d /tmp/ontop-bench-containerd.XXXXXX)
-cleanup() {
-  set +e
-  for pidfile in "$work"/run*/containerd.pid; do
-    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null
-  done
-  [ -n "${ontop_pid:-}" ] && kill "$ontop_pid" 2>/dev/null
-  [ -n "${ontop2_pid:-}" ] && kill "$ontop2_pid" 2>/dev/null
-  [ -n "${registry_pid:-}" ] && kill "$registry_pid" 2>/dev/null
-  sleep 1
-  grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
 "$ontop" serve --root "$work/ontop" --address "$work/ontop.sock" --log-level warn \
   >"$work/ontop.log" 2>&1 &
 ontop_pid=$!
@@ -117,3 +137,42 @@ PATH="$ctd2:$PATH" "$ontop" bench "${quick[@]}" --json "$out/containerd2.json" \
   --containerd "$work/run2/containerd.sock" \
   --snapshotter overlayfs --snapshotter ontop --only image "${images[@]}" \
   --pull 127.0.0.1:5099/ontop/deep:latest --pull 127.0.0.1:5099/ontop/many:latest
+fi
+
+echo "== 4. size limits: without a limit against each enforcer"
+# A btrfs of the run's own, quotas on, for btrfs-qgroup and its baseline.
+truncate -s 8G "$work/btrfs.img"
+mkfs.btrfs -q "$work/btrfs.img"
+mkdir -p "$work/btrfs"
+mount -o loop "$work/btrfs.img" "$work/btrfs"
+btrfs quota enable "$work/btrfs"
+limited=$'default_max_size = "1GiB"\n'
+serve_limits() { # NAME ROOT CONFIG
+  printf '%s' "$3" > "$work/$1.toml"
+  "$ontop" serve --config "$work/$1.toml" --root "$2" --address "$work/$1.sock" \
+    --log-level warn >"$work/$1.log" 2>&1 &
+  limit_pids+=($!)
+}
+serve_limits ext4 "$work/ext4" ""
+serve_limits ext4-loop "$work/ext4-loop" "$limited"$'limit_enforcer = "loop-ext4"\n'
+serve_limits btrfs "$work/btrfs/plain" ""
+serve_limits btrfs-qgroup "$work/btrfs/qgroup" "$limited"$'limit_enforcer = "btrfs-qgroup"\n'
+for name in ext4 ext4-loop btrfs btrfs-qgroup; do
+  for _ in $(seq 100); do [ -S "$work/$name.sock" ] && break; sleep 0.1; done
+done
+[ ${#quick[@]} = 0 ] && settle_filesystem
+"$ontop" bench "${quick[@]}" --json "$out/limits.json" --only create --creates 400 \
+  --address "ext4=$work/ext4.sock" --address "ext4-loop=$work/ext4-loop.sock" \
+  --address "btrfs=$work/btrfs.sock" --address "btrfs-qgroup=$work/btrfs-qgroup.sock"
+proxies=
+for name in ext4 ext4-loop btrfs btrfs-qgroup; do
+  proxies+=$'[proxy_plugins."limits-'"$name"$'"]\n  type = "snapshot"\n  address = "'"$work/$name.sock"$'"\n'
+done
+start_isolated_containerd "$work/run4" "$work/containerd4" "$ontop" "$work/ext4.sock" \
+  "$work/containerd4.log" "$proxies"
+[ -n "${image:-}" ] || image=$(bash scripts/mkimage.sh "$work/image.tar" docker.io/ontop/bench:latest)
+"$ontop" bench "${quick[@]}" --json "$out/limits-containerd.json" --only image \
+  --containerd "$work/run4/containerd.sock" \
+  --snapshotter limits-ext4 --snapshotter limits-ext4-loop \
+  --snapshotter limits-btrfs --snapshotter limits-btrfs-qgroup \
+  --image "$image=$work/image.tar"

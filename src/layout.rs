@@ -365,8 +365,8 @@ impl Layout {
 
     /// Removes `work/work/incompat/volatile`, which a volatile overlay
     /// mount leaves behind.
-    pub fn clear_volatile_marker(&self, id: Id) -> io::Result<()> {
-        remove_all(&self.work(id).join("work/incompat/volatile"))
+    pub fn clear_volatile_marker(&self, id: Id, in_image: bool) -> io::Result<()> {
+        remove_all(&self.upper_work(id, in_image).join("work/incompat/volatile"))
     }
 
     /// Moves `snapshots/<id>` to the trash. A missing directory is fine: it

@@ -253,7 +253,8 @@ impl Snapshotter {
         require_key("key", key)?;
         let mut labels = labels::validate(labels)?;
         let mut asks = MountAsks::of(&labels)?;
-        let limit = limit::wanted(kind, &labels, asks.unpacker, self.limits.default)?
+        let unpacks = asks.unpacker || limit::unpack_key(key);
+        let limit = limit::wanted(kind, &labels, unpacks, self.limits.default)?
             .map(|bytes| {
                 Ok::<_, Error>(Limit {
                     bytes,
@@ -460,7 +461,7 @@ impl Snapshotter {
             // The kernel leaves this marker after a volatile mount and
             // refuses the same upper and work dirs again until it is gone.
             self.layout
-                .clear_volatile_marker(rec.id)
+                .clear_volatile_marker(rec.id, rec.in_loop_image())
                 .context("clearing the volatile marker")?;
         }
         let layers = self.layers(

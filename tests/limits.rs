@@ -369,7 +369,11 @@ async fn the_default_limits_containers_but_not_image_layers_or_views() {
 
 #[tokio::test]
 async fn a_limit_nothing_here_can_enforce_fails_prepare_and_a_default_stops_start_up() {
-    let d = Daemon::start_with_config("limit_enforcer = \"btrfs-qgroup\"\n").await;
+    let port = free_port();
+    let d = Daemon::start_with_config(&format!(
+        "limit_enforcer = \"btrfs-qgroup\"\nmetrics_address = \"127.0.0.1:{port}\"\n"
+    ))
+    .await;
     let mut c = d.client().await;
     let err = c
         .prepare_with("k", "", labels(&[(LIMIT, "32MiB")]))
@@ -381,6 +385,8 @@ async fn a_limit_nothing_here_can_enforce_fails_prepare_and_a_default_stops_star
         "{}",
         err.message()
     );
+    let (_, scrape) = http_get(port, "/metrics");
+    assert!(scrape.contains("ontop_limit_failures_total 1"), "{scrape}");
     // Without a limit, all is as ever.
     c.prepare("free", "").await.unwrap();
     assert!(d.snapshot_dirs().len() == 1, "{:?}", d.snapshot_dirs());
@@ -604,4 +610,30 @@ async fn kill_9_leaks_nothing_on_ext4() {
 #[tokio::test]
 async fn kill_9_leaks_nothing_on_btrfs() {
     kill_9_anywhere_in_the_limited_lifecycle_leaks_nothing(Fs::Btrfs).await
+}
+
+/// A volatile overlay leaves a marker in its work dir that the kernel
+/// refuses to mount over again: for a snapshot in a loop image, Mounts
+/// clears it in the image's work dir.
+#[tokio::test]
+async fn a_volatile_limited_snapshot_mounts_again() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    c.layer(&d, "base", "", |r| fs::write(r.join("f"), "f\n").unwrap())
+        .await;
+    c.prepare_with(
+        "v",
+        "base",
+        labels(&[(LIMIT, "16MiB"), (ontop::base::VOLATILE_LABEL, "true")]),
+    )
+    .await
+    .unwrap();
+    let target = d.mountpoint("v");
+    for round in 0..2 {
+        let mounts = c.mounts("v").await.unwrap();
+        assert!(format!("{mounts:?}").contains("volatile"), "{mounts:?}");
+        mount_all(&mounts, &target);
+        fs::write(target.join(format!("w{round}")), "w\n").unwrap();
+        unmount(&target);
+    }
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::containerd::eventually;
-use common::{Daemon, Rpc, BIN};
+use common::{http_get, Daemon, Rpc, BIN};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -458,21 +458,6 @@ async fn every_call_is_logged_with_method_key_code_and_duration_and_slow_ones_wa
 }
 
 /// GET `path` from 127.0.0.1:`port` over HTTP/1.0; the status and body.
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
-}
-
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -507,18 +492,27 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
     }
     c.prepare("p0", "").await.unwrap();
     c.commit("p0-c", "p0").await.unwrap();
+    c.prepare_with(
+        "limited",
+        "",
+        common::labels(&[(ontop::limit::ONTOP_MAX_SIZE_LABEL, "16MiB")]),
+    )
+    .await
+    .unwrap();
     let _ = c.stat("missing").await;
     let _ = c.usage("p1").await;
 
     let (status, scrape) = http_get(port, "/metrics");
     assert_eq!(status, 200, "{scrape}");
     for expected in [
-        r#"ontop_calls_total{method="Prepare",code="OK"} 26"#,
+        r#"ontop_calls_total{method="Prepare",code="OK"} 27"#,
         r#"ontop_calls_total{method="Stat",code="NotFound"} 1"#,
-        r#"ontop_call_duration_seconds_bucket{method="Prepare",le="+Inf"} 26"#,
-        r#"ontop_snapshots{kind="active"} 24"#,
+        r#"ontop_call_duration_seconds_bucket{method="Prepare",le="+Inf"} 27"#,
+        r#"ontop_snapshots{kind="active"} 25"#,
+        r#"ontop_limited_snapshots{enforcer="loop-ext4"} 1"#,
+        r#"ontop_limited_snapshots{enforcer="btrfs-qgroup"} 0"#,
         r#"ontop_snapshots{kind="committed"} 1"#,
-        r#"ontop_call_phase_duration_seconds_count{method="Prepare",phase="durable_commit"} 26"#,
+        r#"ontop_call_phase_duration_seconds_count{method="Prepare",phase="durable_commit"} 27"#,
         r#"ontop_call_phase_duration_seconds_count{method="Commit",phase="queue"} 2"#,
         "ontop_group_commit_batch_size_count",
         "ontop_durable_commit_duration_seconds_bucket",
@@ -618,7 +612,7 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
                 let (status, body) = http_get(prom_port, &format!("/api/v1/query?query={query}"));
                 if status == 200 {
                     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                    if v["data"]["result"][0]["value"][1] == "26" {
+                    if v["data"]["result"][0]["value"][1] == "27" {
                         return true;
                     }
                 }
@@ -630,7 +624,7 @@ async fn prometheus_scrapes_metrics_that_promtool_accepts_and_counts_the_calls()
     });
     assert!(
         answered,
-        "Prometheus did not report 26 Prepare calls; last answer: {last}\n{}",
+        "Prometheus did not report 27 Prepare calls; last answer: {last}\n{}",
         std::fs::read_to_string(prom_dir.join("log")).unwrap_or_default()
     );
     let (_, rules_loaded) = http_get(prom_port, "/api/v1/rules");

@@ -177,6 +177,16 @@ pub fn update_names(
         .any(|l| crate::labels::update_names(requested, fieldpaths, l))
 }
 
+/// Whether `key` is one containerd's unpack prepares a layer under:
+/// `extract-<unique> <chain id>` (`snapshots.UnpackKeyFormat`), after
+/// the `<namespace>/<seq>/` containerd's metadata store puts first. Not
+/// every unpack labels its Prepares (`ctr images import` on 1.6 does not),
+/// so the key says it too.
+pub fn unpack_key(key: &str) -> bool {
+    let own = key.splitn(3, '/').nth(2).unwrap_or(key);
+    own.starts_with("extract-") && own.contains(' ')
+}
+
 /// The limit a new snapshot gets: a label's always applies to an active
 /// snapshot; the default only to a container's, never to the Prepare
 /// that unpacks an image layer. A view writes nothing and gets none.
@@ -236,12 +246,15 @@ impl LimitPolicy {
         forced: Option<Enforcer>,
     ) -> anyhow::Result<LimitPolicy> {
         let candidates: Vec<Enforcer> = match forced {
+            // Quotas and mounts are real root's: rootless, none can work,
+            // and a probe's subvolume might not even be deletable.
+            _ if !crate::backend::is_real_root() => Vec::new(),
             Some(e) => vec![e],
             None => Enforcer::ALL.to_vec(),
         };
         let mut tried = Vec::new();
         let mut chosen = None;
-        for e in candidates {
+        for &e in &candidates {
             let works = match e {
                 Enforcer::ProjectQuota => project::probe(scratch),
                 Enforcer::BtrfsQgroup => btrfs::probe(scratch),
@@ -254,6 +267,9 @@ impl LimitPolicy {
                 }
                 Err(why) => tried.push(format!("{e}: {why:#}")),
             }
+        }
+        if candidates.is_empty() {
+            tried.push("every enforcer needs real root, and ontop runs rootless".into());
         }
         let chosen = chosen.ok_or_else(|| {
             format!(
@@ -363,6 +379,15 @@ mod tests {
         // A bad label fails even where it would not apply.
         let bad = labels_of(&[(ONTOP_MAX_SIZE_LABEL, "x")]);
         assert!(wanted(Kind::View, &bad, false, d).is_err());
+    }
+
+    #[test]
+    fn containerds_unpack_keys_are_known_with_or_without_a_namespace() {
+        assert!(unpack_key("default/12/extract-12345-AbCd sha256:0123"));
+        assert!(unpack_key("extract-1 sha256:abc"));
+        assert!(!unpack_key("default/13/my-container"));
+        assert!(!unpack_key("default/14/extract-without-chain"));
+        assert!(!unpack_key("k8s.io/15/0a1b2c"));
     }
 
     #[test]

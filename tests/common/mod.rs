@@ -970,3 +970,20 @@ pub fn mount_all(mounts: &[Mount], target: &Path) {
 pub fn unmount(target: &Path) {
     ontop_tools::mounter::unmount(target).unwrap_or_else(|e| panic!("{e:#}"));
 }
+
+/// A plain HTTP/1.0 GET on 127.0.0.1: the status and the body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
