@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at /metrics on IP:PORT or unix:/path.
     #[arg(long)]
     pub metrics_address: Option<String>,
+    /// Take the socket over from the ontop serving the same root, which
+    /// then finishes its calls and exits: an upgrade that refuses no call.
+    #[arg(long)]
+    pub takeover: bool,
 }
 
 #[derive(Args)]

@@ -60,6 +60,9 @@ pub struct Config {
     pub default_max_size: Option<u64>,
     /// What enforces size limits; None: the first that works here.
     pub limit_enforcer: Option<Enforcer>,
+    /// Take the socket over from the ontop serving the same root, rather
+    /// than refuse to start (see `crate::takeover`).
+    pub takeover: bool,
 }
 
 /// A TCP address such as `127.0.0.1:9163`, or `unix:/path` for a socket
@@ -125,6 +128,7 @@ pub struct FileConfig {
     pub default_max_size: Option<String>,
     /// "auto", "project-quota", "btrfs-qgroup" or "loop-ext4".
     pub limit_enforcer: Option<String>,
+    pub takeover: Option<bool>,
 }
 
 /// The flags that can override the file.
@@ -136,6 +140,7 @@ pub struct Overrides {
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
     pub metrics_address: Option<String>,
+    pub takeover: Option<bool>,
 }
 
 impl FileConfig {
@@ -275,6 +280,7 @@ impl Config {
                     n => Some(n),
                 },
             },
+            takeover: flags.takeover.or(file.takeover).unwrap_or(false),
             limit_enforcer: match file.limit_enforcer.as_deref() {
                 None | Some("auto") => None,
                 Some(name) => Some(

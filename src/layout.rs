@@ -255,7 +255,8 @@ impl Layout {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 bail!(
-                    "another ontop is already serving root {} (it holds {})",
+                    "another ontop is already serving root {} (it holds {}); to replace it \
+                     without refusing a call, start this one with --takeover",
                     self.root.display(),
                     path.display()
                 );

@@ -63,6 +63,7 @@ pub(crate) mod snapshotter;
 pub(crate) mod store;
 pub(crate) mod syncfs;
 pub(crate) mod systemd;
+pub mod takeover;
 pub mod usage;
 pub(crate) mod watch;
 

@@ -48,6 +48,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 log_level: args.log_level,
                 log_format: args.log_format,
                 metrics_address: args.metrics_address,
+                takeover: args.takeover.then_some(true),
             };
             let config = Config::load(args.config.as_deref(), flags)?;
             ontop::cli::init_logging(&config);

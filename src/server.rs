@@ -1,10 +1,13 @@
-//! The daemon: opens the core, binds the unix socket or takes the one
-//! systemd passed, serves the gRPC services (Snapshots, admin, health) and
-//! the metrics endpoint, tells systemd how it is doing, and shuts down
-//! gracefully on SIGTERM or SIGINT.
+//! The daemon: opens the core, binds the unix socket, takes the one
+//! systemd passed, or takes over the one of the ontop serving its root
+//! (`crate::takeover`), serves the gRPC services (Snapshots, admin,
+//! health) and the metrics endpoint, tells systemd how it is doing, and
+//! shuts down gracefully on SIGTERM or SIGINT, or once a successor took
+//! its socket over.
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,13 +17,15 @@ use crate::containerd_api::snapshots::v1::snapshots_server::SnapshotsServer;
 use anyhow::{bail, Context as _};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::admin::v1::admin_server::AdminServer;
 use crate::config::Config;
 use crate::grpc::{AdminService, SnapshotsService};
 use crate::mounts::OverlayOptions;
 use crate::snapshotter::{Options, Snapshotter};
+use crate::takeover::{self, ControlServer, Gate, Handed};
 
 /// How long a stop waits for clients to finish and hang up. Requests
 /// already running in the core complete even past it: the runtime waits
@@ -36,8 +41,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Signals first, so that from here on a TERM is a graceful stop.
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let handed = match config.takeover {
+        true => {
+            let (address, root) = (config.address.clone(), canonical(&config.root));
+            tokio::task::spawn_blocking(move || takeover::take_over(&address, &root))
+                .await
+                .context("taking over")??
+        }
+        false => None,
+    };
+    if let Some(h) = &handed {
+        tracing::info!(
+            from_pid = h.from_pid,
+            "took the socket over; waiting for the old ontop to finish its calls"
+        );
+        let root = config.root.clone();
+        tokio::task::spawn_blocking(move || {
+            takeover::wait_for_root(&root, SHUTDOWN_GRACE + takeover::ANSWER_WITHIN)
+        })
+        .await
+        .context("waiting for the root")??;
+    }
     let core = Core::open(&config).await?;
-    let socket = Socket::for_config(&config)?;
+    let socket = match handed {
+        Some(h) => Socket::handed(h)?,
+        None => Socket::for_config(&config)?,
+    };
     let signal = async move {
         tokio::select! {
             _ = term.recv() => "SIGTERM",
@@ -131,6 +160,21 @@ impl Socket {
         })
     }
 
+    /// The socket a predecessor handed over: removed when serving ends if
+    /// ontop bound it, left to systemd if systemd did.
+    pub fn handed(h: Handed) -> anyhow::Result<Socket> {
+        let own_ino = match h.owned {
+            true => Some(std::fs::symlink_metadata(&h.path)?.ino()),
+            false => None,
+        };
+        Ok(Socket {
+            listener: UnixListener::from_std(h.listener)
+                .context("serving on the socket handed over")?,
+            path: h.path,
+            own_ino,
+        })
+    }
+
     /// Binds `path` (see `bind_socket`); it is removed when serving ends.
     pub fn bind(path: &Path) -> anyhow::Result<Socket> {
         let (listener, ino) = bind_socket(path)?;
@@ -180,6 +224,28 @@ pub async fn serve_on(
         activated = socket.own_ino.is_none(),
         "ontop is serving"
     );
+    // Connections come through a gate that a takeover closes: those made
+    // meanwhile wait in the socket's backlog for the successor.
+    let listener = Arc::new(socket.listener);
+    let (accepting, open) = watch::channel(true);
+    let (handed_tx, mut handed_rx) = watch::channel(false);
+    let (conns, incoming) = tokio::sync::mpsc::channel(16);
+    let acceptor = tokio::spawn(accept_while_open(Arc::clone(&listener), open, conns));
+    let gate = Arc::new(ServeGate {
+        accepting,
+        handed: handed_tx,
+    });
+    let control = ControlServer::start(
+        &config.address,
+        &canonical(&config.root),
+        listener
+            .as_fd()
+            .try_clone_to_owned()
+            .context("sharing the socket with the takeover thread")?,
+        &socket.path,
+        socket.own_ino.is_some(),
+        gate,
+    )?;
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(SnapshotsServer::new(SnapshotsService::new(
@@ -187,7 +253,7 @@ pub async fn serve_on(
             config.slow_call,
         )))
         .add_service(AdminServer::new(AdminService::new(Arc::clone(&core))))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(socket.listener), stopped());
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), stopped());
     tokio::pin!(server);
     // The socket listens and the database is open: calls are answered
     // from here on, so this is the moment to call ontop started.
@@ -197,6 +263,17 @@ pub async fn serve_on(
         let beating = tokio::spawn(heartbeat(Arc::clone(&n), Arc::clone(&core)));
         (n, beating)
     });
+    let handed_flag = handed_rx.clone();
+    let handed_over = async move {
+        let _ = handed_rx.wait_for(|&h| h).await;
+        "handed the socket to a successor"
+    };
+    let shutdown = async move {
+        tokio::select! {
+            reason = shutdown => reason,
+            reason = handed_over => reason,
+        }
+    };
     let result = tokio::select! {
         result = &mut server => result,
         reason = shutdown => {
@@ -224,14 +301,20 @@ pub async fn serve_on(
         }
     };
     let _ = stop_tx.send(true);
+    acceptor.abort();
     if let Some((_, beating)) = notified {
         beating.abort();
     }
     if let Some(metrics) = metrics {
         let _ = metrics.await;
     }
-    if let Some(ino) = socket.own_ino {
-        remove_own_socket(&socket.path, ino);
+    let handed_over = *handed_flag.borrow();
+    drop(control);
+    match socket.own_ino {
+        // The successor serves it now, and removes it when it stops.
+        Some(_) if handed_over => {}
+        Some(ino) => remove_own_socket(&socket.path, ino),
+        None => {}
     }
     // The database closes and the root lock is released when the last
     // reference to the core goes: here, unless a detached task (the
@@ -304,11 +387,24 @@ fn bind_socket(path: &Path) -> anyhow::Result<(UnixListener, u64)> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
     }
-    // Bound in a private (0700) directory beside it, given its mode there,
-    // then renamed into place: the socket is never reachable with the
-    // mode bind gives it (0777 less the umask). The staged path is no
-    // longer than `DIR/ontop.sock`, within sun_path's 108 bytes wherever
-    // the default name fits.
+    let listener = bind_private(path, 0o660)?;
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)
+        .with_context(|| format!("serving on {}", path.display()))?;
+    let ino = std::fs::symlink_metadata(path)?.ino();
+    Ok((listener, ino))
+}
+
+/// Binds a unix socket at `path` with `mode`, replacing what is there.
+/// Bound in a private (0700) directory beside it, given its mode there,
+/// then renamed into place: the socket is never reachable with the mode
+/// bind gives it (0777 less the umask). The staged path is no longer than
+/// `DIR/ontop.sock`, within sun_path's 108 bytes wherever the default
+/// name fits.
+pub(crate) fn bind_private(
+    path: &Path,
+    mode: u32,
+) -> anyhow::Result<std::os::unix::net::UnixListener> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -319,14 +415,63 @@ fn bind_socket(path: &Path) -> anyhow::Result<(UnixListener, u64)> {
         .tempdir_in(dir)
         .with_context(|| format!("creating a private directory in {}", dir.display()))?;
     let staged = staging.path().join("s");
-    let listener = UnixListener::bind(&staged)
+    let listener = std::os::unix::net::UnixListener::bind(&staged)
         .with_context(|| format!("binding socket {}", path.display()))?;
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("setting mode 0660 on {}", path.display()))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
     std::fs::rename(&staged, path)
         .with_context(|| format!("moving the socket into place at {}", path.display()))?;
-    let ino = std::fs::symlink_metadata(path)?.ino();
-    Ok((listener, ino))
+    Ok(listener)
+}
+
+/// The root as the takeover protocol names it: canonical, so that two
+/// spellings of one directory agree.
+fn canonical(root: &Path) -> PathBuf {
+    std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf())
+}
+
+/// What a takeover does to the serving side (see `crate::takeover`).
+struct ServeGate {
+    accepting: watch::Sender<bool>,
+    handed: watch::Sender<bool>,
+}
+
+impl Gate for ServeGate {
+    fn pause(&self) {
+        let _ = self.accepting.send(false);
+    }
+    fn resume(&self) {
+        let _ = self.accepting.send(true);
+    }
+    fn handed_over(&self) {
+        let _ = self.handed.send(true);
+    }
+}
+
+/// Accepts connections on `listener` for the gRPC server while `open`
+/// says so; while it does not, new connections wait in the backlog.
+async fn accept_while_open(
+    listener: Arc<UnixListener>,
+    mut open: watch::Receiver<bool>,
+    conns: tokio::sync::mpsc::Sender<io::Result<tokio::net::UnixStream>>,
+) {
+    loop {
+        // The guards `wait_for` returns are not Send: keep none.
+        let opened = open.wait_for(|&o| o).await.is_ok();
+        if !opened {
+            return;
+        }
+        tokio::select! {
+            // A pause wins over a connection ready at the same moment.
+            biased;
+            _ = async { open.wait_for(|&o| !o).await.is_ok() } => {}
+            accepted = listener.accept() => {
+                if conns.send(accepted.map(|(s, _)| s)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Removes the socket unless someone else has replaced it meanwhile.

@@ -212,10 +212,19 @@ async fn load(mut c: common::Client, worker: usize, stop: Arc<AtomicBool>) -> Se
     seen
 }
 
+/// How a test restarts ontop.
+#[derive(Clone, Copy, PartialEq)]
+enum Restart {
+    /// SIGTERM, then start again (socket-activated: the socket stays).
+    Plain,
+    /// A successor with `--takeover` beside the running one.
+    Takeover,
+}
+
 /// Restarts `d` ten times under load on eight connections; returns calls
 /// answered, calls failed, and the longest time a connection went without
 /// an answer.
-async fn restarts_under_load(d: &mut Daemon) -> (u64, u64, Duration) {
+async fn restarts_under_load(d: &mut Daemon, how: Restart) -> (u64, u64, Duration) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..8 {
@@ -225,7 +234,10 @@ async fn restarts_under_load(d: &mut Daemon) -> (u64, u64, Duration) {
     }
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        d.restart().await;
+        match how {
+            Restart::Plain => d.restart().await,
+            Restart::Takeover => d.take_over().await,
+        }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -263,12 +275,12 @@ async fn restarts_under_load(d: &mut Daemon) -> (u64, u64, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_restarts_under_load_fail_no_call_when_socket_activated() {
     let mut activated = Daemon::start_activated("").await;
-    let (answered, failed, gap) = restarts_under_load(&mut activated).await;
+    let (answered, failed, gap) = restarts_under_load(&mut activated, Restart::Plain).await;
     println!("socket-activated: {answered} calls answered, {failed} failed, longest gap {gap:?}");
     // The same without activation, measured for the record: each restart
     // refuses connections until the new process has bound the socket.
     let mut bound = Daemon::start().await;
-    let (b_answered, b_failed, b_gap) = restarts_under_load(&mut bound).await;
+    let (b_answered, b_failed, b_gap) = restarts_under_load(&mut bound, Restart::Plain).await;
     println!(
         "binding its own socket: {b_answered} calls answered, {b_failed} failed, longest gap {b_gap:?}"
     );
@@ -279,6 +291,27 @@ async fn ten_restarts_under_load_fail_no_call_when_socket_activated() {
         0,
         "socket-activated restarts failed calls:\n{}",
         common::containerd::tail(&activated.log(), 40)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_takeovers_under_load_fail_no_call_and_lose_nothing() {
+    let mut d = Daemon::start().await;
+    let (answered, failed, gap) = restarts_under_load(&mut d, Restart::Takeover).await;
+    println!("takeover: {answered} calls answered, {failed} failed, longest gap {gap:?}");
+    assert!(answered > 0, "the load made calls");
+    assert_eq!(
+        failed,
+        0,
+        "takeovers failed calls:\n{}",
+        common::containerd::tail(&d.log(), 60)
+    );
+    let log = d.log();
+    assert_eq!(
+        log.matches("handed over; stopping").count(),
+        10,
+        "ten handovers:\n{}",
+        common::containerd::tail(&log, 60)
     );
 }
 

@@ -564,6 +564,53 @@ impl Daemon {
         }
     }
 
+    /// Starts a successor with `--takeover` beside the running daemon,
+    /// waits for the old process to hand over and exit, and for the new
+    /// one to answer; the daemon is the new process from then on.
+    pub async fn take_over(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let new = self
+            .command()
+            .arg("--takeover")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting the successor");
+        let mut old = self.child.replace(new).expect("a daemon running");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let _ = old.kill();
+                panic!("the successor exited with {status}:\n{}", self.log());
+            }
+            if let Some(status) = old.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "the old ontop exited with {status}:\n{}",
+                    self.log()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the old ontop did not hand over and exit within 30s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while !self.answers().await {
+            assert!(
+                Instant::now() < deadline,
+                "the successor does not answer:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Whether a gRPC call gets an answer. A socket-activated daemon's
     /// socket accepts connections before ontop runs, so connecting alone
     /// proves nothing.
@@ -613,6 +660,19 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The daemon's process, for a test that watches it itself; the
+    /// daemon no longer kills it when dropped.
+    pub fn take_child(&mut self) -> Child {
+        self.child.take().expect("daemon running")
+    }
+
+    /// Tells a socket-activated daemon's supervisor not to start ontop
+    /// again once it exits.
+    pub fn stop_restarting(&self) {
+        let state = self.activation.as_ref().expect("a socket-activated daemon");
+        std::fs::write(state.join("stop"), "").unwrap();
     }
 
     /// SIGKILL: a crash, with no chance to clean up.
