@@ -26,7 +26,14 @@ pub enum Command {
     /// Serve containerd's Snapshots API on a unix socket.
     Serve(ServeArgs),
     /// Exit 0 when a daemon answers on its socket: a readiness probe.
-    Ping(ClientArgs),
+    Ping {
+        /// Only when the ontop answering runs in this pid namespace (this
+        /// container): a successor's readiness after a takeover.
+        #[arg(long)]
+        here: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List every snapshot of a running daemon, with usage.
     Ls(ClientArgs),
     /// Show one snapshot of a running daemon: chain, usage, labels, path.
@@ -88,6 +95,11 @@ pub struct ServeArgs {
     /// then finishes its calls and exits: an upgrade that refuses no call.
     #[arg(long)]
     pub takeover: bool,
+    /// Once a successor has taken the socket over, wait for SIGTERM
+    /// instead of exiting: in a DaemonSet, an exited container would be
+    /// started again.
+    #[arg(long)]
+    pub linger: bool,
 }
 
 #[derive(Args)]

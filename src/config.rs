@@ -63,6 +63,9 @@ pub struct Config {
     /// Take the socket over from the ontop serving the same root, rather
     /// than refuse to start (see `crate::takeover`).
     pub takeover: bool,
+    /// Once a successor took the socket over, wait for SIGTERM rather
+    /// than exit: a DaemonSet's pod, whose container would be restarted.
+    pub linger: bool,
 }
 
 /// A TCP address such as `127.0.0.1:9163`, or `unix:/path` for a socket
@@ -129,6 +132,7 @@ pub struct FileConfig {
     /// "auto", "project-quota", "btrfs-qgroup" or "loop-ext4".
     pub limit_enforcer: Option<String>,
     pub takeover: Option<bool>,
+    pub linger: Option<bool>,
 }
 
 /// The flags that can override the file.
@@ -141,6 +145,7 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     pub metrics_address: Option<String>,
     pub takeover: Option<bool>,
+    pub linger: Option<bool>,
 }
 
 impl FileConfig {
@@ -281,6 +286,7 @@ impl Config {
                 },
             },
             takeover: flags.takeover.or(file.takeover).unwrap_or(false),
+            linger: flags.linger.or(file.linger).unwrap_or(false),
             limit_enforcer: match file.limit_enforcer.as_deref() {
                 None | Some("auto") => None,
                 Some(name) => Some(

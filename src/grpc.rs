@@ -456,6 +456,17 @@ impl admin::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn status(
+        &self,
+        _req: Request<admin::StatusRequest>,
+    ) -> Result<Response<admin::StatusResponse>, Status> {
+        Ok(Response::new(admin::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id() as i32,
+            pid_namespace: crate::takeover::pid_namespace().unwrap_or(0),
+        }))
+    }
+
     async fn check(
         &self,
         req: Request<admin::CheckRequest>,

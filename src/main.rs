@@ -24,7 +24,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = match cli.command {
+        Command::Serve(args) => serve(runtime, args),
+        command => runtime.block_on(run(command)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ontop: {e:#}");
@@ -33,27 +37,56 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// `ontop serve`: serves until a signal, or until a successor takes the
+/// socket over; then, with `linger`, waits for SIGTERM having let go of
+/// everything.
+fn serve(runtime: tokio::runtime::Runtime, args: ontop::command::ServeArgs) -> anyhow::Result<()> {
+    let flags = Overrides {
+        backend: args.backend,
+        root: args.root,
+        address: args.address,
+        log_level: args.log_level,
+        log_format: args.log_format,
+        metrics_address: args.metrics_address,
+        takeover: args.takeover.then_some(true),
+        linger: args.linger.then_some(true),
+    };
+    let config = Config::load(args.config.as_deref(), flags)?;
+    ontop::cli::init_logging(&config);
+    let linger = config.linger;
+    let ended = runtime.block_on(ontop::server::serve(config))?;
+    if ended == ontop::server::Ended::HandedOver && linger {
+        // The runtime's end takes every task with it (connections a client
+        // kept open past the grace included), and with them the database
+        // and the root's lock, which the successor waits for.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+        tracing::info!("handed over; lingering until SIGTERM (linger = true)");
+        let waiting = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime to wait in")?;
+        let reason = waiting.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            anyhow::Ok(tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            })
+        })?;
+        tracing::info!("{reason}: exiting");
+    }
+    Ok(())
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::ContainerdConfig(args) => {
             print!("{}", args.render()?);
             Ok(())
         }
         Command::Bench { args } => Err(exec_bench(args)),
-        Command::Serve(args) => {
-            let flags = Overrides {
-                backend: args.backend,
-                root: args.root,
-                address: args.address,
-                log_level: args.log_level,
-                log_format: args.log_format,
-                metrics_address: args.metrics_address,
-                takeover: args.takeover.then_some(true),
-            };
-            let config = Config::load(args.config.as_deref(), flags)?;
-            ontop::cli::init_logging(&config);
-            ontop::server::serve(config).await
-        }
+        Command::Serve(_) => unreachable!("main runs serve"),
         Command::Check {
             repair,
             root,
@@ -78,7 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             ontop::cli::report_check(&findings)
         }
-        Command::Ping(client) => {
+        Command::Ping { here, client } => {
             // Any answer from the service will do; NotFound is the cheap one.
             let address = client.address()?;
             let channel = ontop::dial::connect(&address).await?;
@@ -86,10 +119,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 snapshotter: "ontop".into(),
                 key: "ontop ping: no such snapshot".into(),
             };
-            match SnapshotsClient::new(channel).stat(asked).await {
+            match SnapshotsClient::new(channel.clone()).stat(asked).await {
                 Err(s) if s.code() == tonic::Code::NotFound => {}
                 Ok(_) => {}
                 Err(s) => anyhow::bail!("{} answered {s}", address.display()),
+            }
+            if here {
+                let status = AdminClient::new(channel)
+                    .status(ontop::admin::v1::StatusRequest {})
+                    .await
+                    .context("asking which ontop answers")?
+                    .into_inner();
+                let own = ontop::takeover::pid_namespace()?;
+                if status.pid_namespace != own {
+                    anyhow::bail!(
+                        "the ontop answering on {} (version {}) runs in another pid namespace: \
+                         not this one yet",
+                        address.display(),
+                        status.version
+                    );
+                }
             }
             println!("ok: ontop answers on {}", address.display());
             Ok(())

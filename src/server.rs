@@ -35,9 +35,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often systemd's STATUS= line is refreshed without a watchdog.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
-/// Opens the core, binds the socket (or takes the one systemd passed)
-/// and serves until SIGTERM or SIGINT; see [`serve_on`].
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// Opens the core, binds the socket (or takes the one systemd passed, or
+/// takes one over) and serves until SIGTERM or SIGINT, or a successor's
+/// takeover; see [`serve_on`]. With `linger`, the caller then waits for
+/// SIGTERM, once the runtime has let go of the root (`main`).
+pub async fn serve(config: Config) -> anyhow::Result<Ended> {
     // Signals first, so that from here on a TERM is a graceful stop.
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -74,6 +76,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     serve_on(socket, core, &config, signal).await
+}
+
+/// How serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A signal, or the caller's stop.
+    Stopped,
+    /// A successor took the socket over.
+    HandedOver,
 }
 
 /// An opened root, ready to serve: locked, repaired after a crash, and
@@ -194,7 +205,7 @@ pub async fn serve_on(
     core: Core,
     config: &Config,
     shutdown: impl Future<Output = &'static str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let Core(core) = core;
     let notifier = crate::systemd::Notifier::from_env();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -323,7 +334,10 @@ pub async fn serve_on(
     drop(core);
     result.context("serving gRPC")?;
     tracing::info!("ontop stopped");
-    Ok(())
+    Ok(match handed_over {
+        true => Ended::HandedOver,
+        false => Ended::Stopped,
+    })
 }
 
 /// Tells systemd, while ontop serves, what it is doing, and feeds the

@@ -304,6 +304,13 @@ impl Answering {
     }
 }
 
+/// The inode of this process's pid namespace: two processes that show the
+/// same one are in one container (or both on the host).
+pub fn pid_namespace() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/self/ns/pid")?.ino())
+}
+
 /// Waits until nobody holds the root's lock (the ontop that handed the
 /// socket over has closed its database), up to `within`.
 pub fn wait_for_root(root: &Path, within: Duration) -> anyhow::Result<()> {

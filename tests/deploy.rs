@@ -149,52 +149,13 @@ async fn the_image_serves_the_nodes_socket_from_a_container() {
         "the DaemonSet runs the image scripts/image.sh builds, {image}"
     );
     ctd.ctr_ok(&["images", "import", &tar.display().to_string()]);
-
-    let node = d.dir.path().join("node");
-    let (root, run, etc) = (node.join("root"), node.join("run"), node.join("etc"));
-    for dir in [&root, &run, &etc] {
-        std::fs::create_dir_all(dir).unwrap();
-    }
-    // As in the DaemonSet, the node's paths are the same inside the
-    // container: the mounts ontop returns name them, and the host performs
-    // them.
-    std::fs::write(
-        etc.join("config.toml"),
-        format!(
-            "root = {:?}\naddress = {:?}\nlog_format = \"json\"\n",
-            root.display().to_string(),
-            run.join("ontop.sock").display().to_string()
-        ),
-    )
-    .unwrap();
-    let bind = |src: &Path, dst: &str| {
-        format!("type=bind,src={},dst={dst},options=rbind:rw", src.display())
-    };
-    let mounts = [
-        bind(&root, &root.display().to_string()),
-        bind(&run, &run.display().to_string()),
-        bind(&etc, "/etc/ontop"),
-    ];
-    let mut args = vec!["run", "-d", "--privileged"];
-    for m in &mounts {
-        args.extend(["--mount", m.as_str()]);
-    }
-    args.extend([image, "ontop-node"]);
-    ctd.ctr_ok(&args);
+    let node = Node::new(&d);
+    node.run(&ctd, image, "ontop-node", &[]);
     // If the test fails from here, the container's ontop must not outlive
     // it: killing containerd and its shim would leave it running.
-    let _kill = KillOnDrop(&ctd);
-
-    let socket = run.join("ontop.sock");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while ontop_tools::client::connect(&socket).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "ontop in the container did not answer on {}",
-            socket.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _kill = KillOnDrop(&ctd, "ontop-node");
+    let (root, socket) = (node.root.clone(), node.socket());
+    node.wait_for_socket().await;
     // The readiness probe, run in the container as the kubelet runs it.
     let probe = ctd.ctr_ok(&[
         "tasks",
@@ -246,14 +207,190 @@ async fn the_image_serves_the_nodes_socket_from_a_container() {
     assert!(!socket.exists(), "a stopped ontop removes its socket");
 }
 
-/// SIGKILLs the `ontop-node` container's task when dropped.
-struct KillOnDrop<'a>(&'a Containerd);
+/// SIGKILLs a container's task when dropped.
+struct KillOnDrop<'a>(&'a Containerd, &'a str);
 
 impl Drop for KillOnDrop<'_> {
     fn drop(&mut self) {
         self.0
-            .ctr(&["tasks", "kill", "--signal", "SIGKILL", "ontop-node"]);
+            .ctr(&["tasks", "kill", "--signal", "SIGKILL", self.1]);
     }
 }
 
-on_every_containerd!(kernel_only: the_image_serves_the_nodes_socket_from_a_container);
+/// A node's paths for ontop, as the DaemonSet mounts them: the same
+/// inside the container as on the host, since the mounts ontop returns
+/// name them and the host performs them.
+struct Node {
+    root: PathBuf,
+    run: PathBuf,
+    etc: PathBuf,
+}
+
+impl Node {
+    fn new(d: &Daemon) -> Node {
+        let node = d.dir.path().join("node");
+        let (root, run, etc) = (node.join("root"), node.join("run"), node.join("etc"));
+        for dir in [&root, &run, &etc] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(
+            etc.join("config.toml"),
+            format!(
+                "root = {:?}\naddress = {:?}\nlog_format = \"json\"\n",
+                root.display().to_string(),
+                run.join("ontop.sock").display().to_string()
+            ),
+        )
+        .unwrap();
+        Node { root, run, etc }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.run.join("ontop.sock")
+    }
+
+    /// Runs the image as container `id`, privileged with the node's
+    /// paths; `command` replaces the image's (empty: its own).
+    fn run(&self, ctd: &Containerd, image: &str, id: &str, command: &[&str]) {
+        let bind = |src: &Path, dst: &str| {
+            format!("type=bind,src={},dst={dst},options=rbind:rw", src.display())
+        };
+        let mounts = [
+            bind(&self.root, &self.root.display().to_string()),
+            bind(&self.run, &self.run.display().to_string()),
+            bind(&self.etc, "/etc/ontop"),
+        ];
+        let log = format!(
+            "--log-uri=file://{}/{id}.log",
+            self.etc.parent().unwrap().display()
+        );
+        let mut args = vec!["run", "-d", "--privileged", log.as_str()];
+        for m in &mounts {
+            args.extend(["--mount", m.as_str()]);
+        }
+        args.extend([image, id]);
+        args.extend(command);
+        ctd.ctr_ok(&args);
+    }
+
+    async fn wait_for_socket(&self) {
+        let socket = self.socket();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ontop_tools::client::connect(&socket).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "ontop in the container did not answer on {}",
+                socket.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// `ontop ping --here` in container `id`, as the DaemonSet's readiness
+/// probe: whether that container's ontop serves the node's socket.
+fn ready(ctd: &Containerd, id: &str, socket: &Path) -> bool {
+    probe(ctd, id, socket).status.success()
+}
+
+fn probe(ctd: &Containerd, id: &str, socket: &Path) -> std::process::Output {
+    ctd.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        &format!("probe-{}", std::process::id()),
+        id,
+        "/usr/local/bin/ontop",
+        "ping",
+        "--here",
+        "--address",
+        &socket.display().to_string(),
+    ])
+}
+
+/// A rolling update as the DaemonSet does it (maxSurge: the new pod
+/// beside the old, `--takeover --linger`), under load on 8 connections:
+/// no call fails, every acknowledged Commit is kept, the new container is
+/// ready only once it serves, and the old one lingers until stopped.
+async fn a_rolling_update_takes_the_socket_over_and_fails_no_call() {
+    let d = Daemon::start().await;
+    let ctd = Containerd::start(&d).await;
+    let (tar, image) = ontop_image();
+    ctd.ctr_ok(&["images", "import", &tar.display().to_string()]);
+    let node = Node::new(&d);
+    let command = [
+        "/usr/local/bin/ontop",
+        "serve",
+        "--config",
+        "/etc/ontop/config.toml",
+        "--takeover",
+        "--linger",
+    ];
+    node.run(&ctd, image, "ontop-old", &command);
+    let _old = KillOnDrop(&ctd, "ontop-old");
+    node.wait_for_socket().await;
+    let socket = node.socket();
+    assert!(ready(&ctd, "ontop-old", &socket));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = common::load::on_its_own_thread(socket.clone(), 8, std::sync::Arc::clone(&stop));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.run(&ctd, image, "ontop-new", &command);
+    let _new = KillOnDrop(&ctd, "ontop-new");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready(&ctd, "ontop-new", &socket) {
+        if Instant::now() > deadline {
+            let out = probe(&ctd, "ontop-new", &socket);
+            let log = |id: &str| {
+                std::fs::read_to_string(node.etc.parent().unwrap().join(format!("{id}.log")))
+                    .unwrap_or_default()
+            };
+            panic!(
+                "the new container never became ready: {}{}\nnew: {}\nold: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                log("ontop-new"),
+                common::containerd::tail(&log("ontop-old"), 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!ready(&ctd, "ontop-old", &socket), "both containers ready");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The old container lingers until its pod is deleted: SIGTERM.
+    let tasks = ctd.ctr_ok(&["tasks", "ls"]);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("ontop-old") && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    ctd.ctr_ok(&["tasks", "kill", "ontop-old"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let all = load.join().unwrap();
+    println!(
+        "rolling update: {} calls answered, {} failed, longest gap {:?}",
+        all.ok, all.failed, all.longest_gap
+    );
+    assert!(all.ok > 0);
+    assert_eq!(all.failed, 0, "first failure: {:?}", all.first_error);
+    let channel = ontop_tools::client::connect(&socket).await.unwrap();
+    let mut api = ontop_tools::client::Snapshots::new(channel, "ontop", Default::default());
+    for name in &all.acknowledged {
+        assert!(
+            api.stat(name).await.is_ok(),
+            "acknowledged commit {name} was lost"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ctd.ctr(&["containers", "rm", "ontop-old"]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "the old container did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+on_every_containerd!(
+    kernel_only: the_image_serves_the_nodes_socket_from_a_container,
+    a_rolling_update_takes_the_socket_over_and_fails_no_call,
+);

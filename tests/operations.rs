@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::containerd::eventually;
-use common::{http_get, Daemon, Rpc, BIN};
+use common::load::{load, Seen};
+use common::{http_get, Daemon, BIN};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -94,124 +95,6 @@ async fn a_socket_passed_for_another_process_is_ignored_and_a_wrong_one_is_refus
     assert!(err.contains("not a listening unix stream socket"), "{err}");
 }
 
-/// What one load connection saw.
-#[derive(Default)]
-struct Seen {
-    ok: u64,
-    failed: u64,
-    /// The longest time between two answers on one connection.
-    longest_gap: Duration,
-    acknowledged: Vec<String>,
-    first_error: Option<String>,
-    /// Calls made again because they never left the client.
-    retried: u64,
-    last_answer: Option<Instant>,
-}
-
-impl Seen {
-    /// Counts one call; the value when it succeeded.
-    fn note<T>(&mut self, r: Rpc<T>) -> Option<T> {
-        match r {
-            Ok(v) => {
-                self.ok += 1;
-                let now = Instant::now();
-                if let Some(last) = self.last_answer.replace(now) {
-                    self.longest_gap = self.longest_gap.max(now - last);
-                }
-                Some(v)
-            }
-            Err(e) => {
-                self.failed += 1;
-                self.first_error.get_or_insert_with(|| {
-                    let mut chain = format!("{}: {}", e.code(), e.message());
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        chain.push_str(&format!(" <- {s:?}"));
-                        source = s.source();
-                    }
-                    chain
-                });
-                None
-            }
-        }
-    }
-}
-
-/// Whether a call failed without the server having run it, so that
-/// making it again cannot run it twice:
-/// - hyper cancels a request still queued for a connection that closes
-///   (here, one the server said goodbye on): it never left this process;
-/// - the server's goodbye (an HTTP/2 GOAWAY with NO_ERROR) refuses a
-///   stream above the last one it took: RFC 9113 §6.8 says such streams
-///   were not processed.
-///
-/// gRPC clients retry exactly these by themselves, as the retry design
-/// (gRFC A6) says and grpc-go, which containerd uses, does. tonic does
-/// not, so this client does.
-fn never_sent(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        if e.downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_canceled)
-        {
-            return true;
-        }
-        if e.downcast_ref::<h2::Error>().is_some_and(|h2| {
-            h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR)
-        }) {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
-
-/// Makes a call, again while it was never sent (see [`never_sent`]).
-macro_rules! transparently {
-    ($seen:expr, $call:expr) => {{
-        loop {
-            let r = $call;
-            match &r {
-                Err(e) if never_sent(e) && $seen.retried < 1000 => $seen.retried += 1,
-                _ => break r,
-            }
-        }
-    }};
-}
-
-/// Prepare, Mounts, Commit, Stat and List in a loop on one connection of
-/// its own until `stop`; a failed call starts the next round.
-async fn load(mut c: common::Client, worker: usize, stop: Arc<AtomicBool>) -> Seen {
-    let mut seen = Seen::default();
-    let mut round = 0;
-    while !stop.load(Ordering::Relaxed) {
-        round += 1;
-        let active = format!("w{worker}-{round}");
-        let name = format!("{active}-c");
-        let prepared = transparently!(seen, c.prepare(&active, "").await);
-        if seen.note(prepared).is_none() {
-            continue;
-        }
-        let mounts = transparently!(seen, c.mounts(&active).await);
-        if seen.note(mounts).is_none() {
-            continue;
-        }
-        let committed = transparently!(seen, c.commit(&name, &active).await);
-        if seen.note(committed).is_none() {
-            continue;
-        }
-        seen.acknowledged.push(name.clone());
-        let stat = transparently!(seen, c.stat(&name).await);
-        if seen.note(stat).is_none() {
-            continue;
-        }
-        let filter = format!("name=={name}");
-        let listed = transparently!(seen, c.list(&[filter.as_str()]).await);
-        seen.note(listed);
-    }
-    seen
-}
-
 /// How a test restarts ontop.
 #[derive(Clone, Copy, PartialEq)]
 enum Restart {
@@ -243,15 +126,7 @@ async fn restarts_under_load(d: &mut Daemon, how: Restart) -> (u64, u64, Duratio
     stop.store(true, Ordering::Relaxed);
     let mut all = Seen::default();
     for w in workers {
-        let seen = w.await.unwrap();
-        all.ok += seen.ok;
-        all.failed += seen.failed;
-        all.retried += seen.retried;
-        all.longest_gap = all.longest_gap.max(seen.longest_gap);
-        all.acknowledged.extend(seen.acknowledged);
-        if all.first_error.is_none() {
-            all.first_error = seen.first_error;
-        }
+        all.absorb(w.await.unwrap());
     }
     // Every Commit that was acknowledged is there after the restarts.
     let mut c = d.client().await;

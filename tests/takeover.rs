@@ -219,8 +219,7 @@ async fn a_socket_systemd_passed_is_handed_on_and_left_to_systemd() {
     c.prepare("before", "").await.unwrap();
     // The supervisor must not start ontop again once it exits.
     d.stop_restarting();
-    let new = successor(&d, &["--takeover"]);
-    let mut new = scopeguard_child(new);
+    let mut new = ChildGuard(successor(&d, &["--takeover"]));
     still_answers(&d, "after").await;
     assert!(c.stat("before").await.is_ok());
     // Stopped, the successor leaves systemd's socket where it is.
@@ -241,6 +240,40 @@ impl Drop for ChildGuard {
     }
 }
 
-fn scopeguard_child(c: Child) -> ChildGuard {
-    ChildGuard(c)
+#[tokio::test]
+async fn a_lingering_ontop_lets_go_of_the_root_and_waits_for_sigterm() {
+    let mut d = Daemon::start_with_config("linger = true\n").await;
+    let mut old = d.take_child();
+    let new = ChildGuard(successor(&d, &["--takeover"]));
+    // The successor serves (so the old one let go of the root) ...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(channel) = ontop_tools::client::connect(&d.socket).await {
+            let mut api = ontop_tools::client::Snapshots::new(channel, "ontop", Default::default());
+            if api.prepare("after", "", Default::default()).await.is_ok() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the successor never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... while the old one waits, serving nothing, until SIGTERM.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(old.try_wait().unwrap().is_none(), "the old ontop exited");
+    let pid = nix::unistd::Pid::from_raw(old.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = old.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lingering ontop ignored SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert!(d.log().contains("lingering until SIGTERM"), "{}", d.log());
+    drop(new);
 }

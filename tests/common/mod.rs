@@ -10,6 +10,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod load;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -360,7 +361,7 @@ impl Daemon {
                     "the test's stop"
                 };
                 tokio::select! {
-                    served = ontop::server::serve_on(socket, core, &config, shutdown) => served,
+                    served = ontop::server::serve_on(socket, core, &config, shutdown) => served.map(|_| ()),
                     _ = killed => Ok(()),
                 }
             });
