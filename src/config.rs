@@ -61,7 +61,7 @@ pub struct Config {
     /// What enforces size limits; None: the first that works here.
     pub limit_enforcer: Option<Enforcer>,
     /// Take the socket over from the ontop serving the same root, rather
-    /// than refuse to start (see `crate::takeover`).
+    /// than refuse to start (see the takeover module).
     pub takeover: bool,
     /// Once a successor took the socket over, wait for SIGTERM rather
     /// than exit: a DaemonSet's pod, whose container would be restarted.

@@ -60,6 +60,7 @@ pub(crate) mod removal;
 pub mod server;
 pub mod snapshot;
 pub(crate) mod snapshotter;
+pub(crate) mod sockets;
 pub(crate) mod store;
 pub(crate) mod syncfs;
 pub(crate) mod systemd;

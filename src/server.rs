@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,6 @@ use anyhow::{bail, Context as _};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::admin::v1::admin_server::AdminServer;
 use crate::config::Config;
@@ -240,8 +239,7 @@ pub async fn serve_on(
     let listener = Arc::new(socket.listener);
     let (accepting, open) = watch::channel(true);
     let (handed_tx, mut handed_rx) = watch::channel(false);
-    let (conns, incoming) = tokio::sync::mpsc::channel(16);
-    let acceptor = tokio::spawn(accept_while_open(Arc::clone(&listener), open, conns));
+    let incoming = accept_while_open(Arc::clone(&listener), open);
     let gate = Arc::new(ServeGate {
         accepting,
         handed: handed_tx,
@@ -264,7 +262,7 @@ pub async fn serve_on(
             config.slow_call,
         )))
         .add_service(AdminServer::new(AdminService::new(Arc::clone(&core))))
-        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), stopped());
+        .serve_with_incoming_shutdown(incoming, stopped());
     tokio::pin!(server);
     // The socket listens and the database is open: calls are answered
     // from here on, so this is the moment to call ontop started.
@@ -312,7 +310,6 @@ pub async fn serve_on(
         }
     };
     let _ = stop_tx.send(true);
-    acceptor.abort();
     if let Some((_, beating)) = notified {
         beating.abort();
     }
@@ -401,41 +398,12 @@ fn bind_socket(path: &Path) -> anyhow::Result<(UnixListener, u64)> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
     }
-    let listener = bind_private(path, 0o660)?;
+    let listener = crate::sockets::bind_private(path, 0o660)?;
     listener.set_nonblocking(true)?;
     let listener = UnixListener::from_std(listener)
         .with_context(|| format!("serving on {}", path.display()))?;
     let ino = std::fs::symlink_metadata(path)?.ino();
     Ok((listener, ino))
-}
-
-/// Binds a unix socket at `path` with `mode`, replacing what is there.
-/// Bound in a private (0700) directory beside it, given its mode there,
-/// then renamed into place: the socket is never reachable with the mode
-/// bind gives it (0777 less the umask). The staged path is no longer than
-/// `DIR/ontop.sock`, within sun_path's 108 bytes wherever the default
-/// name fits.
-pub(crate) fn bind_private(
-    path: &Path,
-    mode: u32,
-) -> anyhow::Result<std::os::unix::net::UnixListener> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let staging = tempfile::Builder::new()
-        .prefix(".o")
-        .rand_bytes(6)
-        .tempdir_in(dir)
-        .with_context(|| format!("creating a private directory in {}", dir.display()))?;
-    let staged = staging.path().join("s");
-    let listener = std::os::unix::net::UnixListener::bind(&staged)
-        .with_context(|| format!("binding socket {}", path.display()))?;
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
-    std::fs::rename(&staged, path)
-        .with_context(|| format!("moving the socket into place at {}", path.display()))?;
-    Ok(listener)
 }
 
 /// The root as the takeover protocol names it: canonical, so that two
@@ -462,30 +430,32 @@ impl Gate for ServeGate {
     }
 }
 
-/// Accepts connections on `listener` for the gRPC server while `open`
-/// says so; while it does not, new connections wait in the backlog.
-async fn accept_while_open(
+/// The connections on `listener`, accepted only when the gRPC server asks
+/// for one and `open` says so: otherwise they wait in the backlog, for
+/// this process once it asks again, or for the successor. (Accepting
+/// ahead of the server would strand connections it never takes once it
+/// stops: their requests would meet a reset.)
+fn accept_while_open(
     listener: Arc<UnixListener>,
-    mut open: watch::Receiver<bool>,
-    conns: tokio::sync::mpsc::Sender<io::Result<tokio::net::UnixStream>>,
-) {
-    loop {
-        // The guards `wait_for` returns are not Send: keep none.
-        let opened = open.wait_for(|&o| o).await.is_ok();
-        if !opened {
-            return;
-        }
-        tokio::select! {
-            // A pause wins over a connection ready at the same moment.
-            biased;
-            _ = async { open.wait_for(|&o| !o).await.is_ok() } => {}
-            accepted = listener.accept() => {
-                if conns.send(accepted.map(|(s, _)| s)).await.is_err() {
-                    return;
+    open: watch::Receiver<bool>,
+) -> impl futures::Stream<Item = io::Result<tokio::net::UnixStream>> {
+    futures::stream::unfold((listener, open), |(listener, mut open)| async move {
+        loop {
+            // The guards `wait_for` returns are not Send: keep none.
+            let opened = open.wait_for(|&o| o).await.is_ok();
+            if !opened {
+                return None;
+            }
+            tokio::select! {
+                // A pause wins over a connection ready at the same moment.
+                biased;
+                _ = async { open.wait_for(|&o| !o).await.is_ok() } => {}
+                accepted = listener.accept() => {
+                    return Some((accepted.map(|(s, _)| s), (listener, open)));
                 }
             }
         }
-    }
+    })
 }
 
 /// Removes the socket unless someone else has replaced it meanwhile.

@@ -174,7 +174,7 @@ impl ControlServer {
     ) -> anyhow::Result<ControlServer> {
         use std::os::unix::fs::MetadataExt;
         let path = control_path(address);
-        let control = crate::server::bind_private(&path, 0o600)?;
+        let control = crate::sockets::bind_private(&path, 0o600)?;
         let ino = std::fs::symlink_metadata(&path)?.ino();
         let stop = Arc::new(AtomicBool::new(false));
         let state = Answering {

@@ -739,6 +739,126 @@ async fn garbage_collection_across_a_socket_activated_restart_leaves_nothing() {
     assert!(c.list(&[]).await.unwrap().is_empty());
 }
 
+/// The three ways to restart ontop, measured the same way on every
+/// containerd (docs/operations.md's table comes from one run of this):
+/// eight connections of load through three restarts (calls failed, the
+/// longest wait for an answer), then one more restart, `ctr run --rm` at
+/// once, and the removal of a `ctr snapshots` chain and of the image
+/// (what containerd's collections leave on ontop's disk).
+mod restarts {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Way {
+        Plain,
+        SocketActivated,
+        Takeover,
+    }
+
+    async fn restart(d: &mut Daemon, way: Way) {
+        match way {
+            Way::Plain | Way::SocketActivated => d.restart().await,
+            Way::Takeover => d.take_over().await,
+        }
+    }
+
+    async fn measure(way: Way) -> String {
+        let mut d = match way {
+            Way::SocketActivated => Daemon::start_activated("").await,
+            _ => Daemon::start().await,
+        };
+        let ctd = Containerd::start(&d).await;
+        ctd.import_image();
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = common::load::on_its_own_thread(d.socket.clone(), 8, Arc::clone(&stop));
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            restart(&mut d, way).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        let seen = tokio::task::spawn_blocking(move || load.join().unwrap())
+            .await
+            .unwrap();
+        // Whatever the way, every acknowledged Commit is there.
+        let mut c = d.client().await;
+        for name in &seen.acknowledged {
+            assert!(
+                c.stat(name).await.is_ok(),
+                "{way:?}: acknowledged {name} was lost"
+            );
+        }
+
+        // Set up once containerd reaches ontop again (after plain
+        // restarts its client backs off): not what is measured.
+        for step in [
+            &["prepare", "chain-1"][..],
+            &["commit", "chain-1-c", "chain-1"],
+            &["prepare", "chain-2", "chain-1-c"],
+        ] {
+            let mut args = vec!["snapshots", "--snapshotter", "ontop"];
+            args.extend(step);
+            eventually(15, "containerd to reach ontop again", || {
+                ctd.ctr(&args).status.success()
+            })
+            .await;
+        }
+        restart(&mut d, way).await;
+        // Right away, and once: no retry.
+        let ran = ctd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "ontop",
+                common::containerd::IMAGE,
+                "after-restart",
+                "true",
+            ])
+            .status
+            .success();
+        for key in ["chain-2", "chain-1-c"] {
+            ctd.snapshots(&["rm", key]);
+        }
+        ctd.ctr(&["images", "rm", "--sync", common::containerd::IMAGE]);
+        // containerd's collections also take what the load made, which it
+        // never knew: what is left is what a failed collection left.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.snapshot_dirs().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = d.snapshot_dirs().len();
+        let (major, minor) = common::containerd::release().version();
+        let row = format!(
+            "| {major}.{minor} | {way:?} | {} | {} | {:?} | {} | {left} |",
+            seen.ok,
+            seen.failed,
+            seen.longest_gap.as_millis(),
+            if ran { "runs" } else { "fails" },
+        );
+        println!("RESTARTS {row}");
+        if way != Way::Plain {
+            assert_eq!(seen.failed, 0, "{way:?}: {:?}", seen.first_error);
+            assert!(ran, "{way:?}: ctr run --rm right after the restart failed");
+            assert_eq!(left, 0, "{way:?}: collections left snapshots on disk");
+        }
+        row
+    }
+
+    /// | containerd | way | calls answered | failed | longest wait (ms) |
+    /// ctr run --rm right after | snapshot dirs left |
+    async fn three_ways_to_restart_measured_alike() {
+        for way in [Way::Plain, Way::SocketActivated, Way::Takeover] {
+            measure(way).await;
+        }
+    }
+
+    on_every_containerd!(kernel_only: three_ways_to_restart_measured_alike);
+}
+
 mod rendering {
     use super::*;
 
