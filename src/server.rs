@@ -244,17 +244,25 @@ pub async fn serve_on(
         accepting,
         handed: handed_tx,
     });
-    let control = ControlServer::start(
-        &config.address,
-        &canonical(&config.root),
-        listener
-            .as_fd()
-            .try_clone_to_owned()
-            .context("sharing the socket with the takeover thread")?,
-        &socket.path,
-        socket.own_ino.is_some(),
-        gate,
-    )?;
+    // Without it ontop serves as ever; only a takeover from it is refused.
+    let control = listener
+        .as_fd()
+        .try_clone_to_owned()
+        .context("sharing the socket with the takeover thread")
+        .and_then(|shared| {
+            ControlServer::start(
+                &config.address,
+                &canonical(&config.root),
+                shared,
+                &socket.path,
+                socket.own_ino.is_some(),
+                gate,
+            )
+        })
+        .inspect_err(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "no takeover socket: a successor cannot take over from this ontop");
+        })
+        .ok();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(SnapshotsServer::new(SnapshotsService::new(
