@@ -13,7 +13,7 @@ use crate::config::{Config, LogFormat, Overrides};
 #[derive(Parser)]
 #[command(
     name = "ontop",
-    version,
+    version = crate::VERSION,
     about = "A containerd snapshotter: SQLite metadata, overlay mounts"
 )]
 pub struct Cli {

@@ -103,20 +103,40 @@ pub struct SnapshotsService {
     core: Arc<Snapshotter>,
     /// Calls slower than this are logged at warn.
     slow_call: Duration,
+    in_flight: InFlight,
 }
 
 impl SnapshotsService {
-    pub fn new(core: Arc<Snapshotter>, slow_call: Duration) -> Self {
-        SnapshotsService { core, slow_call }
+    pub fn new(core: Arc<Snapshotter>, slow_call: Duration, in_flight: InFlight) -> Self {
+        SnapshotsService {
+            core,
+            slow_call,
+            in_flight,
+        }
     }
 
     fn call(&self, method: &'static str, key: &str) -> Call {
+        self.in_flight
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Call {
             method,
             key: key.to_string(),
             started: Instant::now(),
             slow: self.slow_call,
+            in_flight: self.in_flight.clone(),
         }
+    }
+}
+
+/// How many Snapshots calls are being served: a stop after a takeover
+/// waits for these, not for idle connections to hang up.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -128,6 +148,16 @@ struct Call {
     key: String,
     started: Instant,
     slow: Duration,
+    in_flight: InFlight,
+}
+
+impl Drop for Call {
+    /// Also when the client goes away mid-call.
+    fn drop(&mut self) {
+        self.in_flight
+            .0
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Call {
@@ -461,7 +491,7 @@ impl admin::admin_server::Admin for AdminService {
         _req: Request<admin::StatusRequest>,
     ) -> Result<Response<admin::StatusResponse>, Status> {
         Ok(Response::new(admin::StatusResponse {
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::VERSION.into(),
             pid: std::process::id() as i32,
             pid_namespace: crate::takeover::pid_namespace().unwrap_or(0),
         }))

@@ -36,6 +36,13 @@
 //! Only what the binary and the tests use is public; the daemon's insides
 //! are `pub(crate)`, so the compiler reports what nothing uses.
 
+/// This build's version: the package's, unless the build set
+/// `ONTOP_BUILD_VERSION` (a test's "newer build" of the same source).
+pub const VERSION: &str = match option_env!("ONTOP_BUILD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 pub mod backend;
 pub mod base;
 pub(crate) mod caller;

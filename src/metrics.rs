@@ -273,7 +273,7 @@ fn refresh(state: &dyn State) {
     PROCESS.collect();
     gauge!(
         "ontop_build_info",
-        "version" => env!("CARGO_PKG_VERSION"),
+        "version" => crate::VERSION,
         "backend" => state.backend_name()
     )
     .set(1.0);

@@ -263,11 +263,13 @@ pub async fn serve_on(
             tracing::warn!(error = %format!("{e:#}"), "no takeover socket: a successor cannot take over from this ontop");
         })
         .ok();
+    let in_flight = crate::grpc::InFlight::default();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(SnapshotsServer::new(SnapshotsService::new(
             Arc::clone(&core),
             config.slow_call,
+            in_flight.clone(),
         )))
         .add_service(AdminServer::new(AdminService::new(Arc::clone(&core))))
         .serve_with_incoming_shutdown(incoming, stopped());
@@ -304,14 +306,36 @@ pub async fn serve_on(
             health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             let _ = stop_tx.send(true);
             // Graceful shutdown waits for clients to hang up; one that
-            // never does must not block a stop forever.
-            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!(
-                        "clients still connected {}s after shutdown began; closing their connections",
-                        SHUTDOWN_GRACE.as_secs()
-                    );
+            // never does must not block a stop forever. After a handover
+            // the successor waits for this process to let go of the root,
+            // and a client's new connection waits for the successor (which
+            // containerd's proxy client gives up on after about a second):
+            // so once the goodbye is out and no call is in flight, idle
+            // connections are not waited for.
+            let handed = *handed_flag.borrow();
+            let quiet = async {
+                if !handed {
+                    return std::future::pending().await;
+                }
+                let mut calm = 0;
+                while calm < 3 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    calm = if in_flight.count() == 0 { calm + 1 } else { 0 };
+                }
+            };
+            tokio::select! {
+                finished = tokio::time::timeout(SHUTDOWN_GRACE, &mut server) => match finished {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!(
+                            "clients still connected {}s after shutdown began; closing their connections",
+                            SHUTDOWN_GRACE.as_secs()
+                        );
+                        Ok(())
+                    }
+                },
+                () = quiet => {
+                    tracing::info!("handed over, and no call in flight: closing idle connections");
                     Ok(())
                 }
             }

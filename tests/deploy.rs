@@ -131,6 +131,48 @@ fn ontop_image() -> &'static (PathBuf, String) {
     })
 }
 
+/// The image of a newer build of this source (its version says
+/// `0.1.0-newer`), for a rolling update to something else: built once.
+fn newer_image() -> &'static (PathBuf, String) {
+    static IMAGE: std::sync::OnceLock<(PathBuf, String)> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let target = root.join("target/newer");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        stdout_of(
+            Command::new(cargo)
+                .args(["build", "--locked", "--bin", "ontop"])
+                .current_dir(root)
+                .env("CARGO_TARGET_DIR", &target)
+                .env("ONTOP_BUILD_VERSION", NEWER),
+            "cargo build of the newer ontop",
+        );
+        let tar = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ontop-newer-image.tar");
+        let image = stdout_of(
+            Command::new("bash")
+                .arg(root.join("scripts/image.sh"))
+                .arg(&tar)
+                .arg(format!("localhost/ontop:{NEWER}"))
+                .env("ONTOP_BIN", target.join("debug/ontop")),
+            "scripts/image.sh of the newer ontop",
+        );
+        (tar, image.trim().to_string())
+    })
+}
+
+const NEWER: &str = "0.1.0-newer";
+
+/// The version the ontop answering on `socket` reports.
+async fn version_on(socket: &Path) -> String {
+    let channel = ontop_tools::client::connect(socket).await.unwrap();
+    ontop::admin::v1::admin_client::AdminClient::new(channel)
+        .status(ontop::admin::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+}
+
 /// The image, run as the DaemonSet runs it: privileged, with the node's
 /// root, socket directory and config mounted from the host. The host then
 /// uses the socket, and mounts what it returns.
@@ -308,16 +350,31 @@ fn probe(ctd: &Containerd, id: &str, socket: &Path) -> std::process::Output {
     ])
 }
 
-/// A rolling update as the DaemonSet does it (maxSurge: the new pod
-/// beside the old, `--takeover --linger`), under load on 8 connections:
-/// no call fails, every acknowledged Commit is kept, the new container is
-/// ready only once it serves, and the old one lingers until stopped.
+/// Two rolling updates as the DaemonSet does them (maxSurge: the new pod
+/// beside the old, `--takeover --linger`): the first under load on 8
+/// connections of the test's client (no call fails, every acknowledged
+/// Commit is kept), the second, to a newer build, while containerd runs
+/// containers on the node's ontop (none fails). Each new container is
+/// ready only once it serves; each old one lingers until stopped. (Two
+/// rolls, not one: containerd's collections delete what the test's
+/// client makes, which containerd never knew.)
 async fn a_rolling_update_takes_the_socket_over_and_fails_no_call() {
     let d = Daemon::start().await;
-    let ctd = Containerd::start(&d).await;
+    let node = Node::new(&d);
+    // The containerd that runs ontop's containers also uses the node's
+    // ontop, as snapshotter `node`.
+    let ctd = Containerd::start_with(
+        &d,
+        &format!(
+            "[proxy_plugins.node]\n  type = \"snapshot\"\n  address = {:?}\n",
+            node.socket().display().to_string()
+        ),
+    )
+    .await;
     let (tar, image) = ontop_image();
     ctd.ctr_ok(&["images", "import", &tar.display().to_string()]);
-    let node = Node::new(&d);
+    let (newer_tar, newer) = newer_image();
+    ctd.ctr_ok(&["images", "import", &newer_tar.display().to_string()]);
     let command = [
         "/usr/local/bin/ontop",
         "serve",
@@ -388,6 +445,78 @@ async fn a_rolling_update_takes_the_socket_over_and_fails_no_call() {
         assert!(Instant::now() < deadline, "the old container did not stop");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The second roll, to the newer build, with containers running.
+    let archive = common::containerd::image_archive().display().to_string();
+    let mut import = vec!["images", "import", "--snapshotter", "node"];
+    if ctd.release.major() >= 2 {
+        // The transfer service unpacks only for snapshotters its config
+        // names; the client-side import needs none.
+        import.push("--local");
+    }
+    import.push(&archive);
+    ctd.ctr_ok(&import);
+    let runs = {
+        let probe = ctd.ctr_command(&ctd.ns);
+        let ctr: PathBuf = probe.get_program().into();
+        let args: Vec<std::ffi::OsString> = probe.get_args().map(Into::into).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let (mut ran, mut failed, mut first) = (0, 0, None);
+            for i in 0.. {
+                if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let out = Command::new(&ctr)
+                    .args(&args)
+                    .args(["run", "--rm", "--snapshotter", "node"])
+                    .arg(common::containerd::IMAGE)
+                    .arg(format!("on-the-node-{i}"))
+                    .args(["cat", "/added/new.txt"])
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    ran += 1
+                } else {
+                    failed += 1;
+                    first.get_or_insert_with(|| String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+            (ran, failed, first)
+        });
+        (stop, thread)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.run(&ctd, newer, "ontop-newer", &command);
+    let _newer = KillOnDrop(&ctd, "ontop-newer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready(&ctd, "ontop-newer", &socket) {
+        assert!(
+            Instant::now() < deadline,
+            "the newer container never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(version_on(&socket).await, NEWER);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ctd.ctr_ok(&["tasks", "kill", "ontop-new"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    runs.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ran, failed, first) = runs.1.join().unwrap();
+    println!("rolling update to {NEWER}: {ran} containers ran, {failed} failed");
+    assert!(ran > 0, "no container ran");
+    let log = |id: &str| {
+        std::fs::read_to_string(node.etc.parent().unwrap().join(format!("{id}.log")))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        failed,
+        0,
+        "containers failed to run during the roll: {first:?}\nold: {}\nnew: {}",
+        common::containerd::tail(&log("ontop-new"), 12),
+        common::containerd::tail(&log("ontop-newer"), 12)
+    );
 }
 
 on_every_containerd!(
