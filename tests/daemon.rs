@@ -52,13 +52,22 @@ async fn it_starts_quickly_and_the_socket_is_0660_in_a_created_directory() {
     let md = fs::symlink_metadata(&socket).unwrap();
     assert!(md.file_type().is_socket());
     assert_eq!(md.permissions().mode() & 0o777, 0o660);
-    // It was bound in a private directory and moved into place with its
-    // mode; nothing of that is left beside it.
-    let beside: Vec<_> = fs::read_dir(socket.parent().unwrap())
+    // Once it answers, its takeover socket is there too (0600).
+    let channel = ontop_tools::client::connect(&socket).await.unwrap();
+    let mut api = ontop_tools::client::Snapshots::new(channel, "ontop", Default::default());
+    let answer = api.stat("nothing").await.unwrap_err();
+    assert_eq!(answer.code(), tonic::Code::NotFound);
+    let control = ontop::takeover::control_path(&socket);
+    let md = fs::symlink_metadata(&control).unwrap();
+    assert_eq!(md.permissions().mode() & 0o777, 0o600);
+    // Both were bound in a private directory and moved into place with
+    // their mode; nothing of that is left beside them.
+    let mut beside: Vec<_> = fs::read_dir(socket.parent().unwrap())
         .unwrap()
-        .map(|e| e.unwrap().file_name())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(beside, vec![std::ffi::OsString::from("ontop.sock")]);
+    beside.sort();
+    assert_eq!(beside, ["ontop.sock", "ontop.sock.takeover"]);
     common::terminate(child.id()).unwrap();
     assert!(child.wait().unwrap().success());
 }
