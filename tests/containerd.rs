@@ -809,7 +809,10 @@ mod restarts {
                     if stopping.load(Ordering::Relaxed) {
                         break;
                     }
-                    let ok = std::process::Command::new(&ctr)
+                    // Never forever: a hung container counts as failed.
+                    let ok = std::process::Command::new("timeout")
+                        .arg("60")
+                        .arg(&ctr)
                         .args(&args)
                         .args(["run", "--rm", "--snapshotter", "ontop"])
                         .arg(common::containerd::IMAGE)

@@ -468,7 +468,10 @@ async fn a_rolling_update_takes_the_socket_over_and_fails_no_call() {
                 if stopping.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
-                let out = Command::new(&ctr)
+                // Never forever: a hung container counts as failed.
+                let out = Command::new("timeout")
+                    .arg("60")
+                    .arg(&ctr)
                     .args(&args)
                     .args(["run", "--rm", "--snapshotter", "node"])
                     .arg(common::containerd::IMAGE)

@@ -93,11 +93,21 @@ pub fn never_sent(status: &tonic::Status) -> bool {
     false
 }
 
-/// Makes a call, again while it was never sent (see [`never_sent`]).
+/// How long a call may go unanswered before it counts as failed: a
+/// client must never wait forever on a restart.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Makes a call, again while it was never sent (see [`never_sent`]); one
+/// unanswered for [`CALL_TIMEOUT`] fails.
 macro_rules! transparently {
     ($seen:expr, $call:expr) => {{
         loop {
-            let r = $call;
+            let r = match tokio::time::timeout(CALL_TIMEOUT, async { $call }).await {
+                Ok(r) => r,
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {CALL_TIMEOUT:?}"
+                ))),
+            };
             match &r {
                 Err(e) if never_sent(e) && $seen.retried < 1000 => $seen.retried += 1,
                 _ => break r,
