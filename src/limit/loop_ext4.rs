@@ -255,27 +255,48 @@ fn device_of(target: &Path) -> anyhow::Result<PathBuf> {
 /// Copies the tree at `from` to `to`, which it replaces, as it is:
 /// owners, modes, times, hard links, xattrs (overlay's opaque markers
 /// among them) and whiteouts (device 0/0). Commit's way out of an image.
+///
+/// The copy is made beside `to` and swapped in with one atomic rename
+/// (RENAME_EXCHANGE): a crash at any point leaves `to` whole, old or new,
+/// never missing, and a staging dir the next attempt starts over.
 pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
-    // A failed Commit may have left part of a copy: start from empty.
-    crate::removal::remove_all(to).with_context(|| format!("emptying {}", to.display()))?;
-    fs::create_dir(to).with_context(|| format!("creating {}", to.display()))?;
+    let staging = to.with_file_name(format!(
+        "{}.copy",
+        to.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    crate::removal::remove_all(&staging)
+        .with_context(|| format!("emptying {}", staging.display()))?;
+    fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
     let mut source = from.as_os_str().to_owned();
     source.push("/.");
     let out = Command::new("cp")
         .args(["-a", "--"])
         .arg(&source)
-        .arg(to)
+        .arg(&staging)
         .output()
         .context("running cp (from coreutils)")?;
     if !out.status.success() {
         bail!(
             "cp -a {} {} failed ({}): {}",
             from.display(),
-            to.display(),
+            staging.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &staging,
+        nix::fcntl::AT_FDCWD,
+        to,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .with_context(|| format!("swapping the copy into {}", to.display()))?;
+    // What `to` held before: empty, or a failed attempt's copy.
+    crate::removal::remove_all(&staging)
+        .with_context(|| format!("removing {}", staging.display()))?;
     Ok(())
 }
 

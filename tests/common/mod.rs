@@ -551,7 +551,12 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("ontop serve exited with {status}:\n{}", self.log());
+                panic!(
+                    "ontop serve exited with {status}:\n{}\nholding {}: {:?}",
+                    containerd::tail(&self.log(), 5),
+                    self.root.join("lock").display(),
+                    holders(&self.root.join("lock"))
+                );
             }
             if self.socket.exists() && self.answers().await {
                 return;
@@ -1047,4 +1052,26 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (status, body.to_string())
+}
+
+/// The processes with `path` open (pid, command line), from /proc.
+pub fn holders(path: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = proc_dir.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let fds = proc_dir.path().join("fd");
+        let holds = std::fs::read_dir(&fds)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path));
+        if holds {
+            let cmd = std::fs::read(proc_dir.path().join("cmdline")).unwrap_or_default();
+            out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    out
 }
