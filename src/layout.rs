@@ -48,6 +48,10 @@ pub struct Layout {
     pins: Arc<Mutex<()>>,
 }
 
+/// How long start-up waits for a held root lock before it says another
+/// ontop serves the root.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Process-wide, not per root: it only makes temporary names unique
 /// among this process's threads (the pid covers other processes).
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -249,8 +253,20 @@ impl Layout {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening lock file {}", path.display()))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        // A crashed ontop's lock can outlive it for a moment: a child it
+        // was starting (mkfs.ext4, cp) holds a copy of its descriptors
+        // until its exec. So a held lock is asked again for a while.
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        let rc = loop {
+            // SAFETY: flock on a file descriptor we own; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            let busy =
+                rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK);
+            if !busy || std::time::Instant::now() > deadline {
+                break rc;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         if rc != 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
