@@ -104,10 +104,9 @@ enum Restart {
     Takeover,
 }
 
-/// Restarts `d` ten times under load on eight connections; returns calls
-/// answered, calls failed, and the longest time a connection went without
-/// an answer.
-async fn restarts_under_load(d: &mut Daemon, how: Restart) -> (u64, u64, Duration) {
+/// Restarts `d` ten times under load on eight connections; returns what
+/// the connections saw.
+async fn restarts_under_load(d: &mut Daemon, how: Restart) -> Seen {
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..8 {
@@ -144,42 +143,49 @@ async fn restarts_under_load(d: &mut Daemon, how: Restart) -> (u64, u64, Duratio
         "  {} calls made again because the server never ran them",
         all.retried
     );
-    (all.ok, all.failed, all.longest_gap)
+    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_restarts_under_load_fail_no_call_when_socket_activated() {
     let mut activated = Daemon::start_activated("").await;
-    let (answered, failed, gap) = restarts_under_load(&mut activated, Restart::Plain).await;
-    println!("socket-activated: {answered} calls answered, {failed} failed, longest gap {gap:?}");
+    let seen = restarts_under_load(&mut activated, Restart::Plain).await;
+    println!(
+        "socket-activated: {} calls answered, {} failed, longest gap {:?}",
+        seen.ok, seen.failed, seen.longest_gap
+    );
     // The same without activation, measured for the record: each restart
     // refuses connections until the new process has bound the socket.
     let mut bound = Daemon::start().await;
-    let (b_answered, b_failed, b_gap) = restarts_under_load(&mut bound, Restart::Plain).await;
+    let b = restarts_under_load(&mut bound, Restart::Plain).await;
     println!(
-        "binding its own socket: {b_answered} calls answered, {b_failed} failed, longest gap {b_gap:?}"
+        "binding its own socket: {} calls answered, {} failed, longest gap {:?}",
+        b.ok, b.failed, b.longest_gap
     );
 
-    assert!(answered > 0, "the load made calls");
+    assert!(seen.ok > 0, "the load made calls");
     assert_eq!(
-        failed,
+        seen.failed,
         0,
-        "socket-activated restarts failed calls:\n{}",
-        common::containerd::tail(&activated.log(), 40)
+        "socket-activated restarts failed calls; the daemon's log about it:\n{}",
+        seen.story(&activated.log())
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_takeovers_under_load_fail_no_call_and_lose_nothing() {
     let mut d = Daemon::start().await;
-    let (answered, failed, gap) = restarts_under_load(&mut d, Restart::Takeover).await;
-    println!("takeover: {answered} calls answered, {failed} failed, longest gap {gap:?}");
-    assert!(answered > 0, "the load made calls");
+    let seen = restarts_under_load(&mut d, Restart::Takeover).await;
+    println!(
+        "takeover: {} calls answered, {} failed, longest gap {:?}",
+        seen.ok, seen.failed, seen.longest_gap
+    );
+    assert!(seen.ok > 0, "the load made calls");
     assert_eq!(
-        failed,
+        seen.failed,
         0,
-        "takeovers failed calls:\n{}",
-        common::containerd::tail(&d.log(), 60)
+        "takeovers failed calls; the daemon's log about it:\n{}",
+        seen.story(&d.log())
     );
     let log = d.log();
     assert_eq!(

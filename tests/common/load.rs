@@ -18,6 +18,10 @@ pub struct Seen {
     pub longest_gap: Duration,
     pub acknowledged: Vec<String>,
     pub first_error: Option<String>,
+    /// The key of the call that failed first.
+    pub first_failed_key: Option<String>,
+    /// The key of the call being made.
+    current_key: String,
     /// Calls made again because they never left the client.
     pub retried: u64,
     last_answer: Option<Instant>,
@@ -33,6 +37,7 @@ impl Seen {
         self.acknowledged.extend(seen.acknowledged);
         if self.first_error.is_none() {
             self.first_error = seen.first_error;
+            self.first_failed_key = seen.first_failed_key;
         }
     }
 
@@ -49,6 +54,9 @@ impl Seen {
             }
             Err(e) => {
                 self.failed += 1;
+                if self.first_failed_key.is_none() {
+                    self.first_failed_key = Some(self.current_key.clone());
+                }
                 self.first_error.get_or_insert_with(|| {
                     let mut chain = format!("{}: {}", e.code(), e.message());
                     let mut source = std::error::Error::source(&e);
@@ -61,6 +69,24 @@ impl Seen {
                 None
             }
         }
+    }
+
+    /// What the daemon's `log` says about the first failed call, and how
+    /// its processes started and stopped: for a failure message.
+    pub fn story(&self, log: &str) -> String {
+        let key = self.first_failed_key.as_deref().unwrap_or("\u{0}");
+        let quoted = format!("{key:?}");
+        log.lines()
+            .filter(|l| {
+                l.contains(&quoted)
+                    || l.contains(" WARN ")
+                    || l.contains(" ERROR ")
+                    || l.contains("ontop is serving")
+                    || l.contains("shutting down")
+                    || l.contains("ontop stopped")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -98,14 +124,20 @@ pub fn never_sent(status: &tonic::Status) -> bool {
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Makes a call, again while it was never sent (see [`never_sent`]); one
-/// unanswered for [`CALL_TIMEOUT`] fails.
+/// unanswered for [`CALL_TIMEOUT`] fails, naming the call, its key and
+/// when it was made, so that the server's log can say where it went.
 macro_rules! transparently {
-    ($seen:expr, $call:expr) => {{
+    ($seen:expr, $method:literal, $key:expr, $call:expr) => {{
+        $seen.current_key = $key.to_string();
         loop {
+            let made = std::time::SystemTime::now();
             let r = match tokio::time::timeout(CALL_TIMEOUT, async { $call }).await {
                 Ok(r) => r,
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                    "no answer within {CALL_TIMEOUT:?}"
+                    "{} {:?} made at {} got no answer within {CALL_TIMEOUT:?}",
+                    $method,
+                    $key,
+                    wall_clock(made)
                 ))),
             };
             match &r {
@@ -114,6 +146,19 @@ macro_rules! transparently {
             }
         }
     }};
+}
+
+/// `t` as the daemon's log shows times (UTC, to the microsecond).
+fn wall_clock(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    format!(
+        "{:02}:{:02}:{:02}.{:06}Z",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60,
+        d.subsec_micros()
+    )
 }
 
 /// Prepare, Mounts, Commit, Stat and List in a loop on one connection of
@@ -125,25 +170,25 @@ pub async fn load(mut c: super::Client, worker: usize, stop: Arc<AtomicBool>) ->
         round += 1;
         let active = format!("w{worker}-{round}");
         let name = format!("{active}-c");
-        let prepared = transparently!(seen, c.prepare(&active, "").await);
+        let prepared = transparently!(seen, "Prepare", active, c.prepare(&active, "").await);
         if seen.note(prepared).is_none() {
             continue;
         }
-        let mounts = transparently!(seen, c.mounts(&active).await);
+        let mounts = transparently!(seen, "Mounts", active, c.mounts(&active).await);
         if seen.note(mounts).is_none() {
             continue;
         }
-        let committed = transparently!(seen, c.commit(&name, &active).await);
+        let committed = transparently!(seen, "Commit", name, c.commit(&name, &active).await);
         if seen.note(committed).is_none() {
             continue;
         }
         seen.acknowledged.push(name.clone());
-        let stat = transparently!(seen, c.stat(&name).await);
+        let stat = transparently!(seen, "Stat", name, c.stat(&name).await);
         if seen.note(stat).is_none() {
             continue;
         }
         let filter = format!("name=={name}");
-        let listed = transparently!(seen, c.list(&[filter.as_str()]).await);
+        let listed = transparently!(seen, "List", name, c.list(&[filter.as_str()]).await);
         seen.note(listed);
     }
     seen
