@@ -1,4 +1,4 @@
-//! Compiles containerd's Snapshots API and ontop's own `ontop.v1` admin
+//! Compiles containerd's Snapshots and Diff APIs and ontop's own `ontop.v1` admin
 //! service with the same tonic, so both share one server; and a client of
 //! CRI's `runtime.v1` API for the tests, which only they include (the
 //! daemon never links it). Where each proto comes from: proto/README.md.
@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_protos(
             &[
                 "proto/containerd/github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto",
+                "proto/containerd/github.com/containerd/containerd/api/services/diff/v1/diff.proto",
                 "proto/ontop/v1/admin.proto",
             ],
             &["proto/containerd", "proto"],

@@ -31,6 +31,9 @@ pub struct ContainerdConfigArgs {
     /// The root, as `ontop serve --root`.
     #[arg(long)]
     root: Option<PathBuf>,
+    /// Leave layer unpacking to containerd's own applier: no diff plugin.
+    #[arg(long)]
+    no_applier: bool,
 }
 
 impl ContainerdConfigArgs {
@@ -55,6 +58,7 @@ impl ContainerdConfigArgs {
             remap_ids: config.remap_ids,
             cri: self.cri,
             platform: &host_platform(),
+            applier: !self.no_applier,
         }))
     }
 }

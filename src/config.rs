@@ -21,6 +21,8 @@ pub const DEFAULT_ROOT: &str = "/var/lib/containerd/io.containerd.snapshotter.v1
 pub const DEFAULT_ADDRESS: &str = "/run/ontop/ontop.sock";
 /// Read when `--config` is not given and the file exists.
 pub const DEFAULT_CONFIG: &str = "/etc/ontop/config.toml";
+/// containerd's content store, where ontop's applier reads layer blobs.
+pub const DEFAULT_CONTENT_STORE: &str = "/var/lib/containerd/io.containerd.content.v1.content";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -66,6 +68,8 @@ pub struct Config {
     /// Once a successor took the socket over, wait for SIGTERM rather
     /// than exit: a DaemonSet's pod, whose container would be restarted.
     pub linger: bool,
+    /// containerd's content store, where the applier finds layer blobs.
+    pub content_store: PathBuf,
 }
 
 /// A TCP address such as `127.0.0.1:9163`, or `unix:/path` for a socket
@@ -133,6 +137,7 @@ pub struct FileConfig {
     pub limit_enforcer: Option<String>,
     pub takeover: Option<bool>,
     pub linger: Option<bool>,
+    pub content_store: Option<PathBuf>,
 }
 
 /// The flags that can override the file.
@@ -175,6 +180,9 @@ pub struct Defaults {
     pub root: Result<PathBuf, String>,
     pub address: Result<PathBuf, String>,
     pub config: Option<PathBuf>,
+    /// containerd's content store (rootless containerd keeps its root
+    /// under `$XDG_DATA_HOME/containerd`).
+    pub content_store: Option<PathBuf>,
 }
 
 impl Defaults {
@@ -184,6 +192,7 @@ impl Defaults {
             root: Ok(DEFAULT_ROOT.into()),
             address: Ok(DEFAULT_ADDRESS.into()),
             config: Some(DEFAULT_CONFIG.into()),
+            content_store: Some(DEFAULT_CONTENT_STORE.into()),
         }
     }
 
@@ -211,6 +220,8 @@ impl Defaults {
                 .map(|d| Path::new(&d).join("ontop/ontop.sock"))
                 .ok_or_else(|| unset("socket", "XDG_RUNTIME_DIR", "--address")),
             config: xdg("XDG_CONFIG_HOME", ".config").map(|d| d.join("ontop/config.toml")),
+            content_store: xdg("XDG_DATA_HOME", ".local/share")
+                .map(|d| d.join("containerd/io.containerd.content.v1.content")),
         }
     }
 
@@ -287,6 +298,12 @@ impl Config {
             },
             takeover: flags.takeover.or(file.takeover).unwrap_or(false),
             linger: flags.linger.or(file.linger).unwrap_or(false),
+            content_store: match file.content_store.or(defaults.content_store) {
+                Some(p) => p,
+                None => bail!(
+                    "no default content_store: neither XDG_DATA_HOME nor HOME is set to an absolute path; set content_store"
+                ),
+            },
             limit_enforcer: match file.limit_enforcer.as_deref() {
                 None | Some("auto") => None,
                 Some(name) => Some(
@@ -313,6 +330,12 @@ impl Config {
             bail!(
                 "address must be an absolute socket path, got {}",
                 self.address.display()
+            );
+        }
+        if !self.content_store.is_absolute() {
+            bail!(
+                "content_store must be an absolute path, got {}",
+                self.content_store.display()
             );
         }
         if self.address.starts_with(&self.root) {

@@ -94,6 +94,19 @@ pub struct Fragment<'a> {
     pub cri: bool,
     /// containerd's name for this host's platform, e.g. `linux/amd64`.
     pub platform: &'a str,
+    /// Unpack layers with ontop's applier (containerd 1.7 and later).
+    pub applier: bool,
+}
+
+/// The name of the diff proxy plugin serving ontop's applier: a proxy
+/// plugin's name is its table's key, so it cannot be the snapshotter's.
+pub fn applier_name(name: &str) -> String {
+    format!("{name}-applier")
+}
+
+/// Whether `containerd` takes a diff proxy plugin: 1.6 does not.
+pub fn takes_applier(containerd: Version) -> bool {
+    containerd.at_least(1, 7)
 }
 
 /// The capabilities ontop has under `containerd`, as containerd names
@@ -154,7 +167,12 @@ pub fn render(f: &Fragment<'_>) -> String {
             let (os, arch) = f.platform.split_once('/').unwrap_or((f.platform, ""));
             entries.push(("erofs", "erofs", format!("{os}(+erofs)/{arch}"), true));
         }
-        entries.push((f.name, "walking", f.platform.to_string(), false));
+        let differ = if f.applier {
+            applier_name(f.name)
+        } else {
+            "walking".to_string()
+        };
+        entries.push((f.name, &differ, f.platform.to_string(), false));
         for (snapshotter, differ, platform, optional) in entries {
             out.push_str("[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n");
             let _ = writeln!(out, "  platform = \"{platform}\"");
@@ -164,6 +182,36 @@ pub fn render(f: &Fragment<'_>) -> String {
                 out.push_str("  optional = true\n");
             }
         }
+    }
+    if f.applier && takes_applier(v) {
+        let applier = applier_name(f.name);
+        let _ = writeln!(
+            out,
+            "\n# ontop's layer applier, on the same socket. It writes only into ontop's\n\
+             # own snapshots and answers Unimplemented for anything else, so the diff\n\
+             # service goes on to containerd's own applier (\"walking\") for other\n\
+             # snapshotters and for comparing snapshots. A table may appear once: if\n\
+             # your config sets the diff service's order, put {applier:?} first there."
+        );
+        let _ = writeln!(out, "[proxy_plugins.{}]", key(&applier));
+        let _ = writeln!(out, "  type = \"diff\"");
+        let _ = writeln!(
+            out,
+            "  address = {}",
+            string(&f.address.display().to_string())
+        );
+        let _ = writeln!(
+            out,
+            "[plugins.\"io.containerd.service.v1.diff-service\"]\n  default = [{}, \"walking\"]",
+            string(&applier)
+        );
+    } else if f.applier {
+        let _ = writeln!(
+            out,
+            "\n# containerd {}.{} takes no diff proxy plugin (1.7 and later do): layers\n\
+             # unpack with containerd's own applier.",
+            v.major, v.minor
+        );
     }
     // Last, so that keys written after the fragment land in this table.
     if f.cri {
@@ -232,6 +280,10 @@ mod tests {
     use super::*;
 
     fn fragment(containerd: &str, cri: bool) -> String {
+        fragment_with(containerd, cri, true)
+    }
+
+    fn fragment_with(containerd: &str, cri: bool, applier: bool) -> String {
         render(&Fragment {
             name: "ontop",
             address: Path::new("/run/ontop/ontop.sock"),
@@ -240,6 +292,7 @@ mod tests {
             remap_ids: true,
             cri,
             platform: "linux/amd64",
+            applier,
         })
     }
 
@@ -277,12 +330,33 @@ mod tests {
   type = "snapshot"
   address = "/run/ontop/ontop.sock"
 
+# containerd 1.6 takes no diff proxy plugin (1.7 and later do): layers
+# unpack with containerd's own applier.
+
 # CRI (Kubernetes): ontop is the default snapshotter. A table may appear
 # once: if your config has this one, set snapshotter there instead.
 [plugins."io.containerd.grpc.v1.cri".containerd]
   snapshotter = "ontop"
 "#
         );
+    }
+
+    #[test]
+    fn containerd_1_7_takes_the_applier_first_in_the_diff_services_order() {
+        let out = fragment("1.7", false);
+        assert!(
+            out.ends_with(
+                r#"[proxy_plugins.ontop-applier]
+  type = "diff"
+  address = "/run/ontop/ontop.sock"
+[plugins."io.containerd.service.v1.diff-service"]
+  default = ["ontop-applier", "walking"]
+"#
+            ),
+            "{out}"
+        );
+        let without = fragment_with("1.7", false, false);
+        assert!(!without.contains("diff"), "{without}");
     }
 
     #[test]
@@ -325,7 +399,18 @@ mod tests {
 [[plugins."io.containerd.transfer.v1.local".unpack_config]]
   platform = "linux/amd64"
   snapshotter = "ontop"
-  differ = "walking"
+  differ = "ontop-applier"
+
+# ontop's layer applier, on the same socket. It writes only into ontop's
+# own snapshots and answers Unimplemented for anything else, so the diff
+# service goes on to containerd's own applier ("walking") for other
+# snapshotters and for comparing snapshots. A table may appear once: if
+# your config sets the diff service's order, put "ontop-applier" first there.
+[proxy_plugins.ontop-applier]
+  type = "diff"
+  address = "/run/ontop/ontop.sock"
+[plugins."io.containerd.service.v1.diff-service"]
+  default = ["ontop-applier", "walking"]
 
 # CRI (Kubernetes): ontop is the default snapshotter. A table may appear
 # once: if your config has this one, set snapshotter there instead.
@@ -349,6 +434,7 @@ mod tests {
             remap_ids: false,
             cri: true,
             platform: "linux/arm64/v8",
+            applier: true,
         });
         let parsed: toml::Value = toml::from_str(&text).unwrap();
         let plugin = &parsed["proxy_plugins"]["ontop fuse"];

@@ -16,6 +16,10 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// Not something ontop does; containerd's diff service then tries
+    /// the next applier in its list.
+    #[error("{0}")]
+    Unimplemented(String),
     #[error("{0:#}")]
     Internal(anyhow::Error),
 }
@@ -34,6 +38,9 @@ impl Error {
     }
     pub fn invalid_argument(what: impl fmt::Display) -> Self {
         Error::InvalidArgument(what.to_string())
+    }
+    pub fn unimplemented(what: impl fmt::Display) -> Self {
+        Error::Unimplemented(what.to_string())
     }
 }
 
@@ -78,6 +85,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(m) => tonic::Status::already_exists(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            Error::Unimplemented(m) => tonic::Status::unimplemented(m),
             // A full disk is the node's state, not a bug: say so, so that
             // the operator and containerd's retries can tell.
             Error::Internal(e) if out_of_space(&e) => {

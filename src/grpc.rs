@@ -8,9 +8,11 @@
 
 use std::sync::Arc;
 
+use crate::containerd_api::diff::v1 as diff_api;
 use crate::containerd_api::snapshots::v1 as api;
 use crate::containerd_api::snapshots::v1::snapshots_server::Snapshots;
 use crate::containerd_api::types::Mount as ApiMount;
+use crate::differ::{ApplyRequest, Differ};
 use futures::stream::{BoxStream, StreamExt};
 use std::time::{Duration, Instant};
 use tonic::{Code, Request, Response, Status};
@@ -508,6 +510,88 @@ impl admin::admin_server::Admin for AdminService {
         }))
     }
 }
+
+/// containerd's `Diff` service: `Apply` through ontop's applier, `Diff`
+/// (compare) left to containerd's own differ.
+pub struct DiffService {
+    differ: Arc<Differ>,
+    calls: SnapshotsService,
+}
+
+impl DiffService {
+    pub fn new(
+        differ: Arc<Differ>,
+        core: Arc<Snapshotter>,
+        slow_call: Duration,
+        in_flight: InFlight,
+    ) -> Self {
+        DiffService {
+            differ,
+            calls: SnapshotsService::new(core, slow_call, in_flight),
+        }
+    }
+}
+
+fn from_api_mounts(mounts: Vec<ApiMount>) -> Vec<Mount> {
+    mounts
+        .into_iter()
+        .map(|m| Mount {
+            fstype: m.r#type,
+            source: m.source,
+            options: m.options,
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl diff_api::diff_server::Diff for DiffService {
+    async fn apply(
+        &self,
+        req: Request<diff_api::ApplyRequest>,
+    ) -> Result<Response<diff_api::ApplyResponse>, Status> {
+        let req = req.into_inner();
+        let desc = req.diff.unwrap_or_default();
+        let call = self.calls.call("Apply", &desc.digest);
+        let request = ApplyRequest {
+            media_type: desc.media_type,
+            digest: desc.digest,
+            size: desc.size,
+            mounts: from_api_mounts(req.mounts),
+            has_payloads: !req.payloads.is_empty(),
+            sync_fs: req.sync_fs,
+        };
+        let differ = Arc::clone(&self.differ);
+        let result = match tokio::task::spawn_blocking(move || differ.apply(&request)).await {
+            Ok(r) => r.map_err(Status::from),
+            Err(e) => Err(Status::internal(format!("request failed: {e}"))),
+        };
+        call.end(result.map(|applied| {
+            Response::new(diff_api::ApplyResponse {
+                applied: Some(crate::containerd_api::types::Descriptor {
+                    media_type: UNCOMPRESSED_LAYER.to_string(),
+                    digest: applied.digest,
+                    size: applied.size as i64,
+                    annotations: Default::default(),
+                }),
+            })
+        }))
+    }
+
+    async fn diff(
+        &self,
+        _req: Request<diff_api::DiffRequest>,
+    ) -> Result<Response<diff_api::DiffResponse>, Status> {
+        let call = self.calls.call("Diff", "");
+        call.end(Err(Error::unimplemented(
+            "ontop's differ only applies layers; containerd's own differ compares snapshots \
+             (list it after ontop in the diff service's order)",
+        )
+        .into()))
+    }
+}
+
+/// The media type of what an Apply answers: the uncompressed layer.
+const UNCOMPRESSED_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 
 #[cfg(test)]
 mod tests {

@@ -43,6 +43,7 @@ pub const VERSION: &str = match option_env!("ONTOP_BUILD_VERSION") {
     None => env!("CARGO_PKG_VERSION"),
 };
 
+pub(crate) mod apply;
 pub mod backend;
 pub mod base;
 pub(crate) mod caller;
@@ -52,6 +53,7 @@ pub mod command;
 pub mod config;
 pub mod containerd_config;
 pub mod dial;
+pub(crate) mod differ;
 pub(crate) mod error;
 pub(crate) mod exporter;
 pub mod filter;
@@ -93,6 +95,11 @@ pub mod containerd_api {
             tonic::include_proto!("containerd.types");
         }
         pub mod services {
+            pub mod diff {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.diff.v1");
+                }
+            }
             pub mod snapshots {
                 pub mod v1 {
                     tonic::include_proto!("containerd.services.snapshots.v1");
@@ -100,6 +107,7 @@ pub mod containerd_api {
             }
         }
     }
+    pub use containerd::services::diff;
     pub use containerd::services::snapshots;
     pub use containerd::types;
 }

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::containerd_api::diff::v1::diff_server::DiffServer;
 use crate::containerd_api::snapshots::v1::snapshots_server::SnapshotsServer;
+use crate::differ::Differ;
 use anyhow::{bail, Context as _};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -21,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::admin::v1::admin_server::AdminServer;
 use crate::config::Config;
-use crate::grpc::{AdminService, SnapshotsService};
+use crate::grpc::{AdminService, DiffService, SnapshotsService};
 use crate::mounts::OverlayOptions;
 use crate::snapshotter::{Options, Snapshotter};
 use crate::takeover::{self, ControlServer, Gate, Handed};
@@ -267,6 +269,12 @@ pub async fn serve_on(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(SnapshotsServer::new(SnapshotsService::new(
+            Arc::clone(&core),
+            config.slow_call,
+            in_flight.clone(),
+        )))
+        .add_service(DiffServer::new(DiffService::new(
+            Arc::new(Differ::new(Arc::clone(&core), config.content_store.clone())),
             Arc::clone(&core),
             config.slow_call,
             in_flight.clone(),

@@ -674,6 +674,45 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// The active snapshot whose upper dir is `upper` (as a Mounts answer
+    /// named it), for an applier to write a layer straight into; `None`
+    /// when the path is not under this root's snapshots. A path of one of
+    /// ours that is not an active snapshot's upper is refused: writing
+    /// there would change a committed layer.
+    pub fn active_upper(&self, upper: &Path) -> Result<Option<Id>> {
+        let Ok(rest) = upper.strip_prefix(self.layout.snapshots_dir()) else {
+            return Ok(None);
+        };
+        let id: Option<Id> = rest
+            .components()
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .and_then(|s| s.parse().ok());
+        let not_upper = || {
+            Error::invalid_argument(format!(
+                "{} is not the upper dir of an active snapshot",
+                upper.display()
+            ))
+        };
+        let id = id.ok_or_else(not_upper)?;
+        let rec = self
+            .store
+            .read(|tx| tx.record_by_id(id))?
+            .ok_or_else(|| Error::not_found(format!("no snapshot owns {}", upper.display())))?;
+        if rec.kind != Kind::Active {
+            return Err(Error::failed_precondition(format!(
+                "{} belongs to {} snapshot {:?}: layers are applied to active snapshots only",
+                upper.display(),
+                rec.kind.as_str(),
+                rec.key
+            )));
+        }
+        if self.layout.upper(id, rec.in_loop_image()) != upper {
+            return Err(not_upper());
+        }
+        Ok(Some(id))
+    }
+
     pub fn stat(&self, key: &str) -> Result<Snapshot> {
         self.store.read(|tx| tx.snapshot(key))
     }

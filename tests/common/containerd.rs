@@ -225,6 +225,14 @@ pub fn deep_image_archive() -> &'static Path {
     IMAGE_TAR.get_or_init(|| build_image("deep-image.tar", DEEP_IMAGE, "deep"))
 }
 
+pub const MANY_IMAGE: &str = "docker.io/ontop/many:latest";
+
+/// The seven-layer image of 10,000 small files (`mkimage.sh ... many`).
+pub fn many_image_archive() -> &'static Path {
+    static IMAGE_TAR: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE_TAR.get_or_init(|| build_image("many-image.tar", MANY_IMAGE, "many"))
+}
+
 fn build_image(file: &str, name: &str, variant: &str) -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(file);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkimage.sh");
@@ -292,6 +300,12 @@ impl Containerd {
         let dir = ontop.dir.path().join(format!("ctd-{}", release.name()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("containerd.sock");
+        // ontop's content_store (see `Daemon::prepared`) is this
+        // containerd's.
+        let content = ontop.dir.path().join("content");
+        let _ = std::fs::remove_file(&content);
+        std::os::unix::fs::symlink(dir.join("root/io.containerd.content.v1.content"), &content)
+            .unwrap();
         let (cri_before, cri_after) = match cri {
             Some(cri) => cri.config(release, &dir, ontop),
             None => Default::default(),

@@ -315,7 +315,17 @@ impl Daemon {
             .prefix("ontop-test-")
             .tempdir()
             .expect("creating test dir");
-        std::fs::write(dir.path().join("config.toml"), config(dir.path())).unwrap();
+        let mut config = config(dir.path());
+        if !config.contains("content_store") {
+            // ontop's applier reads blobs here: the content store of the
+            // containerd a test starts, linked in when it starts (see
+            // `Containerd::launch`).
+            config = format!(
+                "content_store = {:?}\n{config}",
+                dir.path().join("content").display().to_string()
+            );
+        }
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
         Daemon {
             backend: backend(),
             log: dir.path().join("daemon.log"),
