@@ -216,3 +216,260 @@ async fn every_test_image_unpacks_to_the_rootfs_containerds_own_applier_gives() 
 }
 
 on_every_containerd!(every_test_image_unpacks_to_the_rootfs_containerds_own_applier_gives);
+
+// The Diff API on ontop's own socket, with no containerd: layers built
+// here, blobs placed where containerd's content store keeps them.
+
+use ontop::containerd_api::diff::v1::diff_client::DiffClient;
+use ontop::containerd_api::diff::v1::{ApplyRequest, DiffRequest};
+use ontop::containerd_api::types::{Descriptor, Mount};
+use tonic::Code;
+
+const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// A layer made by Python's `tarfile` (PAX format) from `entries`, which
+/// call `f(name, data, **attrs)` for files and `l(name, type, target)`
+/// for links: what hostile tools could write, too.
+fn layer(entries: &str) -> Vec<u8> {
+    let script = format!(
+        "import tarfile, io, sys\n\
+         buf = io.BytesIO()\n\
+         t = tarfile.open(fileobj=buf, mode='w', format=tarfile.PAX_FORMAT)\n\
+         def f(name, data=b'', **kw):\n    ti = tarfile.TarInfo(name); ti.size = len(data); ti.mtime = 1600000000\n    \
+         [setattr(ti, k, v) for k, v in kw.items()]\n    t.addfile(ti, io.BytesIO(data))\n\
+         def l(name, kind, target):\n    ti = tarfile.TarInfo(name); ti.type = kind; ti.linkname = target; t.addfile(ti)\n\
+         {entries}\n\
+         t.close(); sys.stdout.buffer.write(buf.getvalue())\n"
+    );
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("python3 (Debian's python3) builds the test layers");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+fn digest(data: &[u8]) -> String {
+    let hash = Sha256::digest(data);
+    format!(
+        "sha256:{}",
+        hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// Puts `blob` into the content store the daemon reads (see
+/// `Daemon::prepared`); its descriptor.
+fn store(d: &Daemon, media_type: &str, blob: &[u8]) -> Descriptor {
+    let digest = digest(blob);
+    let dir = d.dir.path().join("content/blobs/sha256");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(digest.trim_start_matches("sha256:")), blob).unwrap();
+    Descriptor {
+        media_type: media_type.into(),
+        digest,
+        size: blob.len() as i64,
+        annotations: Default::default(),
+    }
+}
+
+async fn apply(
+    d: &Daemon,
+    diff: &Descriptor,
+    mounts: Vec<Mount>,
+) -> Result<Descriptor, tonic::Status> {
+    let mut client = DiffClient::new(ontop_tools::client::connect(&d.socket).await.unwrap());
+    let req = ApplyRequest {
+        diff: Some(diff.clone()),
+        mounts,
+        payloads: Default::default(),
+        sync_fs: true,
+    };
+    client
+        .apply(req)
+        .await
+        .map(|r| r.into_inner().applied.unwrap())
+}
+
+/// The upper dir an active snapshot's mounts name.
+fn upper(mounts: &[Mount]) -> std::path::PathBuf {
+    let m = &mounts[0];
+    match m.options.iter().find_map(|o| o.strip_prefix("upperdir=")) {
+        Some(u) => u.into(),
+        None => m.source.clone().into(),
+    }
+}
+
+#[tokio::test]
+async fn apply_writes_the_layer_into_the_snapshot_and_answers_its_uncompressed_digest() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let tar = layer(
+        "f('etc/hello', b'hi', mode=0o640, uid=5, gid=6)\nl('etc/link', tarfile.SYMTYPE, 'hello')",
+    );
+    let blob = store(&d, TAR_GZIP, &gzip(&tar));
+    // The first layer: a plain tree (a bind mount), whiteouts removed.
+    let mounts = c.prepare("l1", "").await.unwrap();
+    let applied = apply(&d, &blob, mounts.clone()).await.unwrap();
+    assert_eq!(
+        applied.digest,
+        digest(&tar),
+        "the diff ID: the uncompressed layer's digest"
+    );
+    assert_eq!(
+        (applied.size, applied.media_type.as_str()),
+        (tar.len() as i64, TAR)
+    );
+    let up = upper(&mounts);
+    let md = std::fs::metadata(up.join("etc/hello")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o640, 5, 6));
+    c.commit("l1-c", "l1").await.unwrap();
+
+    // The second: an overlay upper, where a whiteout is overlay's device.
+    let tar = layer("f('etc/.wh.hello')");
+    let blob = store(&d, TAR, &tar);
+    let mounts = c.prepare("l2", "l1-c").await.unwrap();
+    apply(&d, &blob, mounts.clone()).await.unwrap();
+    let wh = std::fs::symlink_metadata(upper(&mounts).join("etc/hello")).unwrap();
+    assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+    // The implied parent took the lower's mode.
+    assert_eq!(
+        std::fs::metadata(upper(&mounts).join("etc"))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        std::fs::metadata(up.join("etc")).unwrap().mode() & 0o7777
+    );
+    d.assert_consistent();
+}
+
+#[tokio::test]
+async fn hostile_and_broken_layers_write_nothing_outside_and_leave_the_snapshot_empty() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let outside = d.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"s").unwrap();
+    let outside_s = outside.display().to_string();
+
+    // Escapes that containerd, too, keeps inside: they land under the
+    // snapshot, scoped.
+    let tar = layer(&format!(
+        "f('../../../../escape', b'1')\nl('abs', tarfile.SYMTYPE, '{outside_s}')\nf('abs/through', b'2')"
+    ));
+    let mounts = c.prepare("scoped", "").await.unwrap();
+    apply(&d, &store(&d, TAR, &tar), mounts.clone())
+        .await
+        .unwrap();
+    let up = upper(&mounts);
+    assert_eq!(std::fs::read(up.join("escape")).unwrap(), b"1");
+    let scoped = up.join(outside_s.trim_start_matches('/')).join("through");
+    assert_eq!(std::fs::read(scoped).unwrap(), b"2");
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["secret"], "nothing was written outside");
+
+    // Refused: a hard link out, a corrupt stream, a truncated one, a
+    // whiteout naming its parent. The snapshot is left as Prepare made it.
+    let good = layer("f('a/b', b'x' * 100000)");
+    let gz = gzip(&good);
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "hard link out",
+            TAR,
+            layer("f('ok', b'1')\nl('pw', tarfile.LNKTYPE, '../../outside/secret')"),
+        ),
+        ("truncated gzip", TAR_GZIP, gz[..gz.len() / 2].to_vec()),
+        ("truncated tar", TAR, good[..good.len() / 2].to_vec()),
+        ("not a tar", TAR, vec![b'x'; 4096]),
+        ("bad whiteout", TAR, layer("f('ok', b'1')\nf('d/.wh..')")),
+    ];
+    for (i, (what, media, blob)) in cases.into_iter().enumerate() {
+        let key = format!("broken-{i}");
+        let mounts = c.prepare(&key, "").await.unwrap();
+        let err = apply(&d, &store(&d, media, &blob), mounts.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err.code(), Code::InvalidArgument | Code::NotFound),
+            "{what}: {err:?}"
+        );
+        let left: Vec<_> = std::fs::read_dir(upper(&mounts)).unwrap().collect();
+        assert!(left.is_empty(), "{what}: the snapshot kept {left:?}");
+    }
+    assert_eq!(
+        std::fs::metadata(outside.join("secret")).unwrap().nlink(),
+        1
+    );
+
+    // Blobs that are not there, or digests that could be paths.
+    let mounts = c.prepare("missing", "").await.unwrap();
+    let mut missing = store(&d, TAR, &good);
+    missing.digest = digest(b"not stored");
+    assert_eq!(
+        apply(&d, &missing, mounts.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    missing.digest = "sha256:../../../etc/passwd".into();
+    assert_eq!(
+        apply(&d, &missing, mounts).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    d.assert_consistent();
+}
+
+#[tokio::test]
+async fn what_is_not_ontops_own_is_unimplemented_so_containerd_passes_it_on() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let blob = store(&d, TAR, &layer("f('x', b'1')"));
+    let unimplemented = |r: Result<Descriptor, tonic::Status>, what: &str| {
+        let err = r.unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented, "{what}: {err:?}");
+    };
+    // Another snapshotter's directory.
+    let elsewhere = d.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let bind = Mount {
+        r#type: "bind".into(),
+        source: elsewhere.display().to_string(),
+        target: String::new(),
+        options: vec!["rbind".into(), "rw".into()],
+    };
+    unimplemented(apply(&d, &blob, vec![bind]).await, "a foreign bind");
+    assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none());
+    // A media type ontop does not decode, such as an encrypted layer.
+    let mounts = c.prepare("a", "").await.unwrap();
+    let mut encrypted = blob.clone();
+    encrypted.media_type = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted".into();
+    unimplemented(
+        apply(&d, &encrypted, mounts.clone()).await,
+        "an encrypted layer",
+    );
+    // Comparing snapshots is containerd's own differ's.
+    let mut client = DiffClient::new(ontop_tools::client::connect(&d.socket).await.unwrap());
+    let err = client.diff(DiffRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+
+    // A committed snapshot is never written: refused, not passed on.
+    c.commit("a-c", "a").await.unwrap();
+    let err = apply(&d, &blob, mounts).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}

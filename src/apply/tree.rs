@@ -153,7 +153,16 @@ impl Writer {
             Kind::Symlink => symlink(&cstring(&h.link)?, &parent, &base_c)?,
             Kind::HardLink => {
                 let (link_parent, link_base) = split(&h.link).unwrap_or_default();
-                let from = self.resolve(&link_parent)?;
+                // A target the layer (and the snapshot) does not hold
+                // makes the layer itself wrong.
+                let missing = |e: io::Error| match e.raw_os_error() {
+                    Some(libc::ENOENT) | Some(libc::ENOTDIR) => invalid(format!(
+                        "hard link to {:?}, which is not there",
+                        String::from_utf8_lossy(&h.link)
+                    )),
+                    _ => e,
+                };
+                let from = self.resolve(&link_parent).map_err(missing)?;
                 // The root itself (a link to "/" or ".."): linking a
                 // directory fails, as it does for containerd.
                 let from_base = if link_base.is_empty() {
@@ -161,7 +170,7 @@ impl Writer {
                 } else {
                     cstring(&link_base)?
                 };
-                link(&from, &from_base, &parent, &base_c)?;
+                link(&from, &from_base, &parent, &base_c).map_err(missing)?;
             }
             Kind::Char => mknod(
                 &parent,
