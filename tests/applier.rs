@@ -172,7 +172,7 @@ fn assert_same(what: &str, ours: &BTreeMap<String, String>, theirs: &BTreeMap<St
     }
     assert!(
         differences.is_empty(),
-        "{what}: ontop's rootfs differs from containerd's in {} paths:\n{}",
+        "{what}: ontop's tree differs from the reference in {} paths:\n{}",
         differences.len(),
         differences
             .iter()
@@ -215,7 +215,10 @@ async fn every_test_image_unpacks_to_the_rootfs_containerds_own_applier_gives() 
     );
 }
 
-on_every_containerd!(every_test_image_unpacks_to_the_rootfs_containerds_own_applier_gives);
+on_every_containerd!(
+    every_test_image_unpacks_to_the_rootfs_containerds_own_applier_gives,
+    a_layer_built_from_a_snapshot_unpacks_again_to_the_same_tree,
+);
 
 // The Diff API on ontop's own socket, with no containerd: layers built
 // here, blobs placed where containerd's content store keeps them.
@@ -472,4 +475,97 @@ async fn what_is_not_ontops_own_is_unimplemented_so_containerd_passes_it_on() {
     c.commit("a-c", "a").await.unwrap();
     let err = apply(&d, &blob, mounts).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}
+
+/// A build as BuildKit and `nerdctl commit` do it, through containerd's
+/// own APIs: a snapshot over the image changed, compared with the image
+/// into a new layer (Diff: containerd's differ, ontop's answers
+/// Unimplemented), and that layer applied again on the image (Apply:
+/// ontop's applier on 1.7 and later). The result is the changed tree.
+async fn a_layer_built_from_a_snapshot_unpacks_again_to_the_same_tree() {
+    use ontop_tools::client::{Namespace, Snapshots};
+    let d = Daemon::start().await;
+    let ctd = Containerd::start(&d).await;
+    ctd.import_image();
+    let ls = ctd.snapshots(&["ls"]);
+    let rows: Vec<Vec<&str>> = ls
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let top = rows
+        .iter()
+        .map(|r| r[0])
+        .find(|k| !rows.iter().any(|r| r.len() == 3 && r[1] == *k))
+        .unwrap()
+        .to_string();
+    let channel = || async { ontop_tools::client::connect(&ctd.socket).await.unwrap() };
+    let ns = || Namespace::new(&ctd.ns).unwrap();
+    let mut sn = Snapshots::new(channel().await, "ontop", ns());
+    // containerd's garbage collector would take what no image holds.
+    let root = || common::labels(&[("containerd.io/gc.root", "2026-12-07T00:00:00Z")]);
+
+    let built = sn.prepare("build", &top, root()).await.unwrap();
+    let target = d.mountpoint("build");
+    common::mount_all(&built, &target);
+    std::fs::write(target.join("added.txt"), "built\n").unwrap();
+    std::fs::write(target.join("data/keep.txt"), "changed\n").unwrap();
+    std::fs::remove_file(target.join("bin/ls")).unwrap();
+    std::fs::remove_dir_all(target.join("olddir")).unwrap();
+    std::fs::create_dir(target.join("olddir")).unwrap();
+    std::fs::write(target.join("olddir/fresh"), "fresh\n").unwrap();
+    std::os::unix::fs::chown(target.join("added.txt"), Some(1234), Some(99)).unwrap();
+    let expected = manifest(&target);
+    common::unmount(&target);
+
+    let base = sn.view("base", &top, root()).await.unwrap();
+    let mut differ = DiffClient::with_interceptor(channel().await, ns());
+    let layer = differ
+        .diff(DiffRequest {
+            left: base,
+            right: built,
+            media_type: TAR_GZIP.into(),
+            r#ref: "ontop-build".into(),
+            labels: root(),
+            source_date_epoch: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .diff
+        .unwrap();
+
+    let applied_before = d.log().matches("method=\"Apply\"").count();
+    let again = sn.prepare("again", &top, root()).await.unwrap();
+    differ
+        .apply(ApplyRequest {
+            diff: Some(layer),
+            mounts: again,
+            payloads: Default::default(),
+            sync_fs: false,
+        })
+        .await
+        .unwrap();
+    sn.commit("again-c", "again", root()).await.unwrap();
+    let view = sn.view("again-view", "again-c", root()).await.unwrap();
+    let target = d.mountpoint("again");
+    common::mount_all(&view, &target);
+    let rebuilt = manifest(&target);
+    common::unmount(&target);
+    // A layer records whole seconds (containerd's tar writer drops the
+    // rest), so the changed files come back without their nanoseconds.
+    let seconds = |m: BTreeMap<String, String>| -> BTreeMap<String, String> {
+        let re = regex::Regex::new(r"mtime=(\d+)\.\d+").unwrap();
+        m.into_iter()
+            .map(|(k, v)| (k, re.replace(&v, "mtime=$1").into_owned()))
+            .collect()
+    };
+    assert_same(
+        "the layer built and applied again",
+        &seconds(rebuilt),
+        &seconds(expected),
+    );
+    let applied = d.log().matches("method=\"Apply\"").count() - applied_before;
+    let release = common::containerd::release();
+    assert_eq!(applied, usize::from(release.at_least(1, 7)), "{release:?}");
 }
