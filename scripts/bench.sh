@@ -18,7 +18,9 @@
 #      ONTOP_CONTAINERD_EXTRA_BIN) with max_concurrent_unpacks = 4: the
 #      same two images imported, and the seven-layer images (`deep` and
 #      `many`) pulled from a local registry (on 2.2+ a parallel unpack,
-#      with ontop's `rebase`), overlayfs against ontop.
+#      with ontop's `rebase`): overlayfs with containerd's applier against
+#      ontop with its own applier and ontop with containerd's, and GNU tar
+#      of the same layers as the floor.
 #
 #   4. size limits: ontop without limits against ontop with a limit on
 #      every container (default_max_size) held by each enforcer this
@@ -29,7 +31,7 @@
 #      [proxy_plugins]. (XFS project quotas need a quota-capable kernel:
 #      see tests/limits_guest.rs.)
 #
-# Usage: bash scripts/bench.sh [--quick] [--only-limits]
+# Usage: bash scripts/bench.sh [--quick] [--only-limits | --only-unpack]
 # REFPROXY: the refproxy binary, for run 1 (skipped without it).
 # Results: target/bench/{direct,containerd,containerd2}.json.
 source "$(dirname "$0")/lib.sh"
@@ -41,11 +43,12 @@ fetch_debian_containerds
 ctd2=${ONTOP_CONTAINERD_EXTRA_BIN:-$PWD/target/containerd/2.1/usr/bin}
 
 quick=()
-only_limits=
+only=
 for arg in "$@"; do
   case $arg in
     --quick) quick=(--quick) ;;
-    --only-limits) only_limits=1 ;;
+    --only-limits) only=limits ;;
+    --only-unpack) only=unpack ;;
     *) die "unknown argument $arg" ;;
   esac
 done
@@ -67,6 +70,7 @@ cleanup() {
   done
   [ -n "${ontop_pid:-}" ] && kill "$ontop_pid" 2>/dev/null
   [ -n "${ontop2_pid:-}" ] && kill "$ontop2_pid" 2>/dev/null
+  [ -n "${ontop3_pid:-}" ] && kill "$ontop3_pid" 2>/dev/null
   [ -n "${registry_pid:-}" ] && kill "$registry_pid" 2>/dev/null
   for pid in "${limit_pids[@]}"; do kill "$pid" 2>/dev/null; done
   sleep 1
@@ -76,7 +80,11 @@ cleanup() {
 trap cleanup EXIT
 limit_pids=()
 
-if [ -z "$only_limits" ]; then
+image=$(bash scripts/mkimage.sh "$work/image.tar" docker.io/ontop/bench:latest)
+many=$(bash scripts/mkimage.sh "$work/many.tar" docker.io/ontop/many:latest many)
+images=(--image "$image=$work/image.tar" --image "$many=$work/many.tar")
+
+if [ -z "$only" ]; then
 if [ -n "$refproxy" ]; then
   echo "== 1. direct: refproxy against ontop"
   [ ${#quick[@]} = 0 ] && settle_filesystem
@@ -97,22 +105,32 @@ start_isolated_containerd "$work/run" "$work/containerd" "$ontop" "$work/ontop.s
 # minutes, so this run stops at 10k.
 through_containerd=()
 if [ ${#quick[@]} = 0 ]; then through_containerd=(--scales 10000 --creates 2000); fi
-image=$(bash scripts/mkimage.sh "$work/image.tar" docker.io/ontop/bench:latest)
-many=$(bash scripts/mkimage.sh "$work/many.tar" docker.io/ontop/many:latest many)
-images=(--image "$image=$work/image.tar" --image "$many=$work/many.tar")
 [ ${#quick[@]} = 0 ] && settle_filesystem
 "$ontop" bench "${quick[@]}" --json "$out/containerd.json" \
   --containerd "$work/run/containerd.sock" \
   --snapshotter overlayfs --snapshotter ontop \
   "${through_containerd[@]}" "${images[@]}"
 
-echo "== 3. through containerd 2.x: sequential and parallel unpack, overlayfs against ontop"
-"$ontop" serve --root "$work/ontop2" --address "$work/ontop2.sock" --log-level warn \
-  >"$work/ontop2.log" 2>&1 &
+fi
+
+if [ -z "$only" ] || [ "$only" = unpack ]; then
+echo "== 3. through containerd 2.x: overlayfs against ontop with its applier and with containerd's"
+# Both ontops read layers from this containerd's content store; the second
+# is the proxy snapshotter "ontop-walking", which unpacks with containerd's
+# own applier ("walking"), so the run tells the applier from the rest.
+printf 'content_store = "%s"\n' "$work/containerd2/io.containerd.content.v1.content" >"$work/ontop2.toml"
+"$ontop" serve --config "$work/ontop2.toml" --root "$work/ontop2" --address "$work/ontop2.sock" \
+  --log-level warn >"$work/ontop2.log" 2>&1 &
 ontop2_pid=$!
+"$ontop" serve --config "$work/ontop2.toml" --root "$work/ontop3" --address "$work/ontop3.sock" \
+  --log-level warn >"$work/ontop3.log" 2>&1 &
+ontop3_pid=$!
+walking=$'[proxy_plugins.ontop-walking]\n  type = "snapshot"\n  address = "'"$work/ontop3.sock"$'"\n'
+walking+=$'[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n  platform = "'"$(containerd_platform)"$'"\n'
+walking+=$'  snapshotter = "ontop-walking"\n  differ = "walking"\n'
 PATH="$ctd2:$PATH" start_isolated_containerd "$work/run2" "$work/containerd2" \
   "$ontop" "$work/ontop2.sock" "$work/containerd2.log" \
-  $'[plugins."io.containerd.transfer.v1.local"]\n  max_concurrent_unpacks = 4'
+  $'[plugins."io.containerd.transfer.v1.local"]\n  max_concurrent_unpacks = 4\n'"$walking"
 mkdir -p "$work/registry"
 cat > "$work/registry/config.yml" <<YAML
 version: 0.1
@@ -135,10 +153,11 @@ done
 [ ${#quick[@]} = 0 ] && settle_filesystem
 PATH="$ctd2:$PATH" "$ontop" bench "${quick[@]}" --json "$out/containerd2.json" \
   --containerd "$work/run2/containerd.sock" \
-  --snapshotter overlayfs --snapshotter ontop --only image "${images[@]}" \
+  --snapshotter overlayfs --snapshotter ontop --snapshotter ontop-walking --only image "${images[@]}" \
   --pull 127.0.0.1:5099/ontop/deep:latest --pull 127.0.0.1:5099/ontop/many:latest
 fi
 
+if [ -z "$only" ] || [ "$only" = limits ]; then
 echo "== 4. size limits: without a limit against each enforcer"
 # A btrfs of the run's own, quotas on, for btrfs-qgroup and its baseline.
 truncate -s 8G "$work/btrfs.img"
@@ -170,9 +189,9 @@ for name in ext4 ext4-loop btrfs btrfs-qgroup; do
 done
 start_isolated_containerd "$work/run4" "$work/containerd4" "$ontop" "$work/ext4.sock" \
   "$work/containerd4.log" "$proxies"
-[ -n "${image:-}" ] || image=$(bash scripts/mkimage.sh "$work/image.tar" docker.io/ontop/bench:latest)
 "$ontop" bench "${quick[@]}" --json "$out/limits-containerd.json" --only image \
   --containerd "$work/run4/containerd.sock" \
   --snapshotter limits-ext4 --snapshotter limits-ext4-loop \
   --snapshotter limits-btrfs --snapshotter limits-btrfs-qgroup \
   --image "$image=$work/image.tar"
+fi

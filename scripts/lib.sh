@@ -66,6 +66,15 @@ containerd_major() {
   containerd --version | awk '{print $3}' | sed 's/^v//; s/\..*//'
 }
 
+# containerd's name for this machine's platform, as unpack_config wants it.
+containerd_platform() {
+  case $(uname -m) in
+    x86_64) echo linux/amd64 ;;
+    aarch64) echo linux/arm64/v8 ;;
+    *) echo "linux/$(uname -m)" ;;
+  esac
+}
+
 # Writes the config of a containerd isolated from the system one, with
 # ontop as a proxy snapshotter (the fragment `ontop containerd-config`
 # prints for the containerd on PATH), and starts it in the background.

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -330,6 +330,19 @@ pub async fn run_all(
             "ms",
             by_target(unpack),
         );
+        // The floor under an unpack: GNU tar writing the same layers into
+        // fresh directories, one after another, in the same filesystem.
+        let layers = image_layers(Path::new(&tar), &floor_dir.join(format!("{name}-blobs")))?;
+        let mut tar_floor = Series::default();
+        for rep in 0..sizes.image_reps {
+            let dir = floor_dir.join(format!("{name}-tar-{rep}"));
+            tar_floor.add(untar_layers(&layers, &dir)?);
+        }
+        report(
+            &format!("image {name}: floor, tar of its layers one after another"),
+            "ms",
+            vec![("this machine".to_string(), tar_floor)],
+        );
         report(
             &format!("image {name}: ctr run --rm"),
             "ms",
@@ -457,6 +470,68 @@ impl Namespaces {
                 .collect(),
         }
     }
+}
+
+/// The layer blobs of the OCI image archive `tar`, bottom first, unpacked
+/// into `dir`.
+fn image_layers(tar: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let out = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(tar)
+        .arg("-C")
+        .arg(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "unpacking {}: {}",
+        tar.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blob = |digest: &str| dir.join("blobs").join(digest.replacen(':', "/", 1));
+    let json = |path: PathBuf| -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| path.display().to_string())?,
+        )?)
+    };
+    let index = json(dir.join("index.json"))?;
+    let manifest = index["manifests"][0]["digest"]
+        .as_str()
+        .context("index.json names no manifest")?;
+    let manifest = json(blob(manifest))?;
+    manifest["layers"]
+        .as_array()
+        .context("the manifest lists no layers")?
+        .iter()
+        .map(|l| {
+            Ok(blob(
+                l["digest"].as_str().context("a layer without digest")?,
+            ))
+        })
+        .collect()
+}
+
+/// GNU tar extracting each of `layers` into a directory of its own under
+/// `dir`, one after another (it detects compression itself); the time.
+fn untar_layers(layers: &[PathBuf], dir: &Path) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for (i, layer) in layers.iter().enumerate() {
+        let into = dir.join(format!("{i}"));
+        std::fs::create_dir_all(&into)?;
+        let out = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(layer)
+            .arg("-C")
+            .arg(&into)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "tar -xf {}: {}",
+            layer.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(started.elapsed())
 }
 
 /// An image's name without registry, path or tag, for its rows:
