@@ -7,6 +7,7 @@
 //! containerd's content store.
 
 pub(crate) mod content;
+mod files;
 pub(crate) mod tar;
 pub(crate) mod tree;
 

@@ -13,6 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use super::files;
 use super::tar::{Header, Kind};
 
 /// How a layer's whiteout entries (`.wh.NAME`, `.wh..wh..opq`) land.
@@ -56,6 +57,8 @@ pub(crate) struct Writer {
     /// The last parent directory resolved, reused by its next entries.
     cached: Option<(Vec<u8>, OwnedFd)>,
     buf: Vec<u8>,
+    /// Finishes regular files beside the writer (see `files`).
+    pool: Option<files::Pool>,
 }
 
 /// An entry's failure, naming it.
@@ -82,6 +85,7 @@ impl Writer {
             unpacked: HashSet::new(),
             cached: None,
             buf: vec![0u8; 1 << 20],
+            pool: files::Pool::new(file_threads()),
         })
     }
 
@@ -136,13 +140,27 @@ impl Writer {
         match h.kind {
             Kind::Regular => {
                 let file = create_file(&parent, &base_c)?;
-                self.write_content(&file, h.size, content)?;
-                chown_fd(&file, h.uid, h.gid)?;
-                self.set_xattrs(&proc_path(&file, None), h, false)?;
-                chmod_fd(&file, h.mode)?;
-                futimens(&file, &times)?;
                 self.unpacked.insert(full);
-                return Ok(());
+                match &self.pool {
+                    Some(pool) if h.size <= files::MAX_QUEUED_FILE => {
+                        let mut data = vec![0u8; h.size as usize];
+                        read_exactly(content, &mut data)?;
+                        return pool.submit(files::FileJob {
+                            file,
+                            data,
+                            uid: h.uid,
+                            gid: h.gid,
+                            mode: h.mode,
+                            times,
+                            xattrs: h.xattrs.clone(),
+                            name: h.name.clone(),
+                        });
+                    }
+                    _ => {}
+                }
+                let file = std::fs::File::from(file);
+                self.write_content(&file, h.size, content)?;
+                return finish_file(&file, h.uid, h.gid, &h.xattrs, h.mode, &times, &h.name);
             }
             Kind::Directory => {
                 if stat_at(&parent, &base_c)?.is_none() {
@@ -152,6 +170,9 @@ impl Writer {
             }
             Kind::Symlink => symlink(&cstring(&h.link)?, &parent, &base_c)?,
             Kind::HardLink => {
+                // The target may still be being finished: its owner, mode
+                // and times must not land after the link's.
+                self.wait_for_files()?;
                 let (link_parent, link_base) = split(&h.link).unwrap_or_default();
                 // A target the layer (and the snapshot) does not hold
                 // makes the layer itself wrong.
@@ -189,7 +210,7 @@ impl Writer {
         }
         chown(&parent, &base_c, h.uid, h.gid)?;
         let path = proc_path(&parent, Some(&base));
-        self.set_xattrs(&path, h, h.kind != Kind::Directory)?;
+        set_xattrs(&path, &h.name, h.kind, &h.xattrs, h.kind != Kind::Directory)?;
         if h.kind != Kind::Symlink {
             chmod(&parent, &base_c, h.mode)?;
         }
@@ -201,6 +222,7 @@ impl Writer {
     /// Sets the directories' times, now that nothing more is created in
     /// them.
     pub fn finish(mut self) -> io::Result<()> {
+        self.wait_for_files()?;
         for (name, times) in std::mem::take(&mut self.dirs) {
             let Some((parent_name, base)) = split(&name) else {
                 continue;
@@ -218,13 +240,19 @@ impl Writer {
         Ok(())
     }
 
+    fn wait_for_files(&self) -> io::Result<()> {
+        match &self.pool {
+            Some(pool) => pool.wait(),
+            None => Ok(()),
+        }
+    }
+
     fn write_content(
         &mut self,
-        file: &OwnedFd,
+        mut out: &std::fs::File,
         size: u64,
         content: &mut dyn FnMut(&mut [u8]) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let mut out = std::fs::File::from(file.try_clone()?);
         let mut left = size;
         while left > 0 {
             let want = self.buf.len().min(left as usize);
@@ -234,46 +262,6 @@ impl Writer {
             }
             out.write_all(&self.buf[..n])?;
             left -= n as u64;
-        }
-        Ok(())
-    }
-
-    fn set_xattrs(&self, path: &CStr, h: &Header, nofollow: bool) -> io::Result<()> {
-        for (name, value) in &h.xattrs {
-            let name_c = cstring(name)?;
-            let r = unsafe {
-                let f = if nofollow {
-                    libc::lsetxattr
-                } else {
-                    libc::setxattr
-                };
-                f(
-                    path.as_ptr(),
-                    name_c.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            };
-            if r == 0 {
-                continue;
-            }
-            let err = io::Error::last_os_error();
-            let ignorable = match err.raw_os_error() {
-                Some(libc::ENOTSUP) => true,
-                // user.* attributes exist only on files and directories.
-                Some(libc::EPERM) => {
-                    name.starts_with(b"user.") && !matches!(h.kind, Kind::Regular | Kind::Directory)
-                }
-                _ => false,
-            };
-            if !ignorable {
-                return Err(io::Error::new(
-                    err.kind(),
-                    format!("setting xattr {:?}: {err}", String::from_utf8_lossy(name)),
-                ));
-            }
-            tracing::warn!(name = %String::from_utf8_lossy(&h.name), xattr = %String::from_utf8_lossy(name), error = %err, "xattr in the layer ignored");
         }
         Ok(())
     }
@@ -440,6 +428,99 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Sets a layer entry's xattrs on `path`. Like containerd, it skips
+/// those the filesystem does not support, and `user.*` ones on what
+/// cannot carry them (anything but files and directories).
+fn set_xattrs(
+    path: &CStr,
+    entry: &[u8],
+    kind: Kind,
+    xattrs: &[(Vec<u8>, Vec<u8>)],
+    nofollow: bool,
+) -> io::Result<()> {
+    for (name, value) in xattrs {
+        let name_c = cstring(name)?;
+        let r = unsafe {
+            let f = if nofollow {
+                libc::lsetxattr
+            } else {
+                libc::setxattr
+            };
+            f(
+                path.as_ptr(),
+                name_c.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if r == 0 {
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        let ignorable = match err.raw_os_error() {
+            Some(libc::ENOTSUP) => true,
+            // user.* attributes exist only on files and directories.
+            Some(libc::EPERM) => {
+                name.starts_with(b"user.") && !matches!(kind, Kind::Regular | Kind::Directory)
+            }
+            _ => false,
+        };
+        if !ignorable {
+            return Err(io::Error::new(
+                err.kind(),
+                format!("setting xattr {:?}: {err}", String::from_utf8_lossy(name)),
+            ));
+        }
+        tracing::warn!(name = %String::from_utf8_lossy(entry), xattr = %String::from_utf8_lossy(name), error = %err, "xattr in the layer ignored");
+    }
+    Ok(())
+}
+
+/// Owner, xattrs, mode and times of a regular file just written, in
+/// containerd's order (the mode after the owner, which clears setuid).
+pub(super) fn finish_file(
+    file: &std::fs::File,
+    uid: u32,
+    gid: u32,
+    xattrs: &[(Vec<u8>, Vec<u8>)],
+    mode: u32,
+    times: &[libc::timespec; 2],
+    entry: &[u8],
+) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    check(unsafe { libc::fchown(fd, uid, gid) })?;
+    if !xattrs.is_empty() {
+        let path = CString::new(format!("/proc/self/fd/{fd}")).unwrap();
+        set_xattrs(&path, entry, Kind::Regular, xattrs, false)?;
+    }
+    check(unsafe { libc::fchmod(fd, mode & 0o7777) })?;
+    check(unsafe { libc::futimens(fd, times.as_ptr()) })
+}
+
+/// How many threads finish regular files: one per core beyond the
+/// writer's own, at most three.
+fn file_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1).min(3))
+        .unwrap_or(0)
+}
+
+/// Fills `buf` from `content`; a layer that ends first is bad.
+fn read_exactly(
+    content: &mut dyn FnMut(&mut [u8]) -> io::Result<usize>,
+    mut buf: &mut [u8],
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = content(buf)?;
+        if n == 0 {
+            return Err(invalid("the archive ends inside a file".into()));
+        }
+        buf = &mut buf[n..];
+    }
+    Ok(())
 }
 
 /// Cleans a name as Go's `filepath.Clean` and containerd's root-scoped
@@ -682,10 +763,6 @@ fn chown(dir: &OwnedFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     })
 }
 
-fn chown_fd(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
-    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })
-}
-
 /// `fchown` on an `O_PATH` descriptor, which `fchown` itself refuses.
 fn chown_fd_path(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
     check(unsafe {
@@ -703,10 +780,6 @@ fn chmod(dir: &OwnedFd, name: &CStr, mode: u32) -> io::Result<()> {
     check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode & 0o7777, 0) })
 }
 
-fn chmod_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
-    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode & 0o7777) })
-}
-
 fn utimens(dir: &OwnedFd, name: &CStr, ts: &[libc::timespec; 2]) -> io::Result<()> {
     check(unsafe {
         libc::utimensat(
@@ -716,10 +789,6 @@ fn utimens(dir: &OwnedFd, name: &CStr, ts: &[libc::timespec; 2]) -> io::Result<(
             libc::AT_SYMLINK_NOFOLLOW,
         )
     })
-}
-
-fn futimens(fd: &OwnedFd, ts: &[libc::timespec; 2]) -> io::Result<()> {
-    check(unsafe { libc::futimens(fd.as_raw_fd(), ts.as_ptr()) })
 }
 
 /// Copies `src`'s xattrs to `dst`, all but `trusted.*` (overlay's own).
