@@ -156,11 +156,18 @@ pub fn render(f: &Fragment<'_>) -> String {
             "  # CRI reports this to kubelet as the image filesystem.\n  exports = {{ root = {} }}",
             string(&f.root.display().to_string())
         );
-        out.push_str(
+    }
+    if v.major >= 2 || (f.applier && takes_applier(v)) {
+        out.push_str(if v.major >= 2 {
             "\n# Images unpack only into the snapshotters listed here, and this list\n\
              # replaces containerd's default, so overlayfs is listed too. Merge it\n\
-             # with any unpack_config entries of your own.\n",
-        );
+             # with any unpack_config entries of your own.\n"
+        } else {
+            "\n# For the transfer service (`ctr images pull --local=false`): an entry\n\
+             # that names no differ takes any that matches, which could be ontop's\n\
+             # applier for overlayfs, so each entry names its own. This list replaces\n\
+             # containerd's default; merge it with any entries of your own.\n"
+        });
         let mut entries = vec![("overlayfs", "walking", f.platform.to_string(), false)];
         if v.at_least(2, 3) {
             // containerd 2.3's default list also has EROFS, when available.
@@ -355,8 +362,19 @@ mod tests {
             ),
             "{out}"
         );
+        // Its transfer service, which names no differ by default, is told
+        // which differ is whose.
+        assert!(
+            out.contains(
+                "  snapshotter = \"overlayfs\"\n  differ = \"walking\"\n[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = \"ontop\"\n  differ = \"ontop-applier\"\n"
+            ),
+            "{out}"
+        );
         let without = fragment_with("1.7", false, false);
-        assert!(!without.contains("diff"), "{without}");
+        assert!(
+            !without.contains("diff") && !without.contains("unpack_config"),
+            "{without}"
+        );
     }
 
     #[test]

@@ -201,6 +201,27 @@ async fn every_test_image_unpacks_to_the_rootfs_containerds_own_applier_gives() 
         assert_same(name, &ours, &theirs);
         layers += n;
     }
+    if release == common::containerd::Release::V1_7 {
+        // 1.7's transfer service (`--local=false`; ctr's default is the
+        // client-side unpack) picks its differ from unpack_config, where
+        // the fragment names one for each snapshotter: overlayfs keeps
+        // containerd's, ontop gets ontop's.
+        let tar = image_archive().display().to_string();
+        for snapshotter in ["overlayfs", "ontop"] {
+            ctd.ctr_ok_in(
+                &ctd.namespace(&format!("transfer-{snapshotter}")),
+                &[
+                    "images",
+                    "import",
+                    "--local=false",
+                    "--snapshotter",
+                    snapshotter,
+                    &tar,
+                ],
+            );
+        }
+        layers += 3;
+    }
     let applied = d
         .log()
         .lines()
