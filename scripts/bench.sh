@@ -19,8 +19,9 @@
 #      same two images imported, and the seven-layer images (`deep` and
 #      `many`) pulled from a local registry (on 2.2+ a parallel unpack,
 #      with ontop's `rebase`): overlayfs with containerd's applier against
-#      ontop with its own applier and ontop with containerd's, and GNU tar
-#      of the same layers as the floor.
+#      ontop with its own applier, ontop with containerd's, ontop with its
+#      applier and sync_layers = false, and GNU tar of the same layers as
+#      the floor.
 #
 #   4. size limits: ontop without limits against ontop with a limit on
 #      every container (default_max_size) held by each enforcer this
@@ -71,6 +72,7 @@ cleanup() {
   [ -n "${ontop_pid:-}" ] && kill "$ontop_pid" 2>/dev/null
   [ -n "${ontop2_pid:-}" ] && kill "$ontop2_pid" 2>/dev/null
   [ -n "${ontop3_pid:-}" ] && kill "$ontop3_pid" 2>/dev/null
+  [ -n "${ontop4_pid:-}" ] && kill "$ontop4_pid" 2>/dev/null
   [ -n "${registry_pid:-}" ] && kill "$registry_pid" 2>/dev/null
   for pid in "${limit_pids[@]}"; do kill "$pid" 2>/dev/null; done
   sleep 1
@@ -115,22 +117,35 @@ fi
 
 if [ -z "$only" ] || [ "$only" = unpack ]; then
 echo "== 3. through containerd 2.x: overlayfs against ontop with its applier and with containerd's"
-# Both ontops read layers from this containerd's content store; the second
-# is the proxy snapshotter "ontop-walking", which unpacks with containerd's
-# own applier ("walking"), so the run tells the applier from the rest.
-printf 'content_store = "%s"\n' "$work/containerd2/io.containerd.content.v1.content" >"$work/ontop2.toml"
-"$ontop" serve --config "$work/ontop2.toml" --root "$work/ontop2" --address "$work/ontop2.sock" \
-  --log-level warn >"$work/ontop2.log" 2>&1 &
-ontop2_pid=$!
-"$ontop" serve --config "$work/ontop2.toml" --root "$work/ontop3" --address "$work/ontop3.sock" \
-  --log-level warn >"$work/ontop3.log" 2>&1 &
-ontop3_pid=$!
-walking=$'[proxy_plugins.ontop-walking]\n  type = "snapshot"\n  address = "'"$work/ontop3.sock"$'"\n'
-walking+=$'[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n  platform = "'"$(containerd_platform)"$'"\n'
-walking+=$'  snapshotter = "ontop-walking"\n  differ = "walking"\n'
+# Three ontops, each on a root of its own, read layers from this
+# containerd's content store: "ontop" unpacks with its applier;
+# "ontop-walking" with containerd's own ("walking"), which tells the
+# applier from the rest; "ontop-nosync", with its applier, runs with
+# sync_layers = false, which prices the syncfs that makes each committed
+# layer durable.
+store=$work/containerd2/io.containerd.content.v1.content
+printf 'content_store = "%s"\n' "$store" >"$work/ontop2.toml"
+printf 'content_store = "%s"\nsync_layers = false\n' "$store" >"$work/ontop4.toml"
+for n in 2 3 4; do
+  config=$work/ontop2.toml
+  [ $n = 4 ] && config=$work/ontop4.toml
+  "$ontop" serve --config "$config" --root "$work/ontop$n" --address "$work/ontop$n.sock" \
+    --log-level warn >"$work/ontop$n.log" 2>&1 &
+  eval "ontop${n}_pid=$!"
+done
+unpack_entry() { # SNAPSHOTTER DIFFER
+  printf '[[plugins."io.containerd.transfer.v1.local".unpack_config]]\n  platform = "%s"\n  snapshotter = "%s"\n  differ = "%s"\n' \
+    "$(containerd_platform)" "$1" "$2"
+}
+proxy() { # NAME TYPE SOCKET
+  printf '[proxy_plugins.%s]\n  type = "%s"\n  address = "%s"\n' "$1" "$2" "$3"
+}
+others=$(proxy ontop-walking snapshot "$work/ontop3.sock"; unpack_entry ontop-walking walking
+  proxy ontop-nosync snapshot "$work/ontop4.sock"; proxy ontop-nosync-applier diff "$work/ontop4.sock"
+  unpack_entry ontop-nosync ontop-nosync-applier)
 PATH="$ctd2:$PATH" start_isolated_containerd "$work/run2" "$work/containerd2" \
   "$ontop" "$work/ontop2.sock" "$work/containerd2.log" \
-  $'[plugins."io.containerd.transfer.v1.local"]\n  max_concurrent_unpacks = 4\n'"$walking"
+  $'[plugins."io.containerd.transfer.v1.local"]\n  max_concurrent_unpacks = 4\n'"$others"
 mkdir -p "$work/registry"
 cat > "$work/registry/config.yml" <<YAML
 version: 0.1
@@ -153,7 +168,8 @@ done
 [ ${#quick[@]} = 0 ] && settle_filesystem
 PATH="$ctd2:$PATH" "$ontop" bench "${quick[@]}" --json "$out/containerd2.json" \
   --containerd "$work/run2/containerd.sock" \
-  --snapshotter overlayfs --snapshotter ontop --snapshotter ontop-walking --only image "${images[@]}" \
+  --snapshotter overlayfs --snapshotter ontop --snapshotter ontop-walking --snapshotter ontop-nosync \
+  --only image "${images[@]}" \
   --pull 127.0.0.1:5099/ontop/deep:latest --pull 127.0.0.1:5099/ontop/many:latest
 fi
 

@@ -385,6 +385,18 @@ mod tests {
         assert!(err.to_string().contains("\"pw\""), "{err}");
         assert_eq!(std::fs::metadata(&secret).unwrap().nlink(), 1);
 
+        for link in ["/", "..", "missing"] {
+            let archive = Builder::default()
+                .entry(Entry {
+                    name: "l",
+                    typeflag: b'1',
+                    link,
+                    ..Default::default()
+                })
+                .finish();
+            let err = apply_to(&root, OVERLAY, &archive).unwrap_err();
+            assert!(is_malformed(&err), "a hard link to {link:?}: {err}");
+        }
         for bad in [".wh..", ".wh.", "d/.wh.."] {
             let archive = Builder::default().file(bad, b"").finish();
             let err = apply_to(&root, OVERLAY, &archive).unwrap_err();

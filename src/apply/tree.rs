@@ -140,7 +140,7 @@ impl Writer {
         match h.kind {
             Kind::Regular => {
                 let file = create_file(&parent, &base_c)?;
-                self.unpacked.insert(full);
+                self.note_unpacked(full);
                 match &self.pool {
                     Some(pool) if h.size <= files::MAX_QUEUED_FILE => {
                         let mut data = vec![0u8; h.size as usize];
@@ -183,15 +183,15 @@ impl Writer {
                     )),
                     _ => e,
                 };
+                if link_base.is_empty() {
+                    // "/" or "..": a directory cannot be hard-linked.
+                    return Err(invalid(format!(
+                        "hard link to the root ({:?})",
+                        String::from_utf8_lossy(&h.link)
+                    )));
+                }
                 let from = self.resolve(&link_parent).map_err(missing)?;
-                // The root itself (a link to "/" or ".."): linking a
-                // directory fails, as it does for containerd.
-                let from_base = if link_base.is_empty() {
-                    CString::new(".").unwrap()
-                } else {
-                    cstring(&link_base)?
-                };
-                link(&from, &from_base, &parent, &base_c).map_err(missing)?;
+                link(&from, &cstring(&link_base)?, &parent, &base_c).map_err(missing)?;
             }
             Kind::Char => mknod(
                 &parent,
@@ -215,7 +215,7 @@ impl Writer {
             chmod(&parent, &base_c, h.mode)?;
         }
         utimens(&parent, &base_c, &times)?;
-        self.unpacked.insert(full);
+        self.note_unpacked(full);
         Ok(())
     }
 
@@ -238,6 +238,14 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Remembers what the layer wrote, which only the plain form's opaque
+    /// markers ask about.
+    fn note_unpacked(&mut self, name: Vec<u8>) {
+        if self.target.whiteouts == Whiteouts::Remove {
+            self.unpacked.insert(name);
+        }
     }
 
     fn wait_for_files(&self) -> io::Result<()> {
