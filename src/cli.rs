@@ -31,7 +31,8 @@ pub struct ContainerdConfigArgs {
     /// The root, as `ontop serve --root`.
     #[arg(long)]
     root: Option<PathBuf>,
-    /// Leave layer unpacking to containerd's own applier: no diff plugin.
+    /// Leave layer unpacking to containerd's own applier: no diff plugin
+    /// (always so for a rootless ontop).
     #[arg(long)]
     no_applier: bool,
 }
@@ -58,7 +59,9 @@ impl ContainerdConfigArgs {
             remap_ids: config.remap_ids,
             cri: self.cri,
             platform: &host_platform(),
-            applier: !self.no_applier,
+            // A rootless ontop cannot make overlay's whiteouts (devices)
+            // and would refuse every layer: leave unpacking to containerd.
+            applier: !self.no_applier && crate::backend::is_real_root(),
         }))
     }
 }
