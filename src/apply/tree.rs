@@ -12,6 +12,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use super::files;
 use super::tar::{Header, Kind};
@@ -55,7 +56,7 @@ pub(crate) struct Writer {
     /// keeps.
     unpacked: HashSet<Vec<u8>>,
     /// The last parent directory resolved, reused by its next entries.
-    cached: Option<(Vec<u8>, OwnedFd)>,
+    cached: Option<(Vec<u8>, Rc<OwnedFd>)>,
     buf: Vec<u8>,
     /// Finishes regular files beside the writer (see `files`).
     pool: Option<files::Pool>,
@@ -131,15 +132,31 @@ impl Writer {
         }
 
         let full = join(&parent_name, &base);
-        match stat_at(&parent, &base_c)? {
-            Some(st) if is_dir(&st) && h.kind == Kind::Directory => {}
-            Some(_) => self.remove_existing(&parent, &base_c)?,
-            None => {}
-        }
         let times = times(h);
+        // What is there is replaced, but a directory by a directory, which
+        // keeps its contents. A file is made first and looked at only if
+        // something is in the way: a fresh upper has nothing.
+        let existing_dir = if h.kind == Kind::Regular {
+            false
+        } else {
+            match stat_at(&parent, &base_c)? {
+                Some(st) if is_dir(&st) && h.kind == Kind::Directory => true,
+                Some(_) => {
+                    self.remove_existing(&parent, &base_c)?;
+                    false
+                }
+                None => false,
+            }
+        };
         match h.kind {
             Kind::Regular => {
-                let file = create_file(&parent, &base_c)?;
+                let file = match create_file(&parent, &base_c) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        self.remove_existing(&parent, &base_c)?;
+                        create_file(&parent, &base_c)?
+                    }
+                    other => other?,
+                };
                 self.note_unpacked(full);
                 match &self.pool {
                     Some(pool) if h.size <= files::MAX_QUEUED_FILE => {
@@ -163,7 +180,7 @@ impl Writer {
                 return finish_file(&file, h.uid, h.gid, &h.xattrs, h.mode, &times, &h.name);
             }
             Kind::Directory => {
-                if stat_at(&parent, &base_c)?.is_none() {
+                if !existing_dir {
                     mkdir(&parent, &base_c, h.mode)?;
                 }
                 self.dirs.push((full.clone(), times));
@@ -322,18 +339,18 @@ impl Writer {
     }
 
     /// The parent directory `name` (cleaned, relative), made if missing.
-    fn parent(&mut self, name: &[u8]) -> io::Result<OwnedFd> {
+    fn parent(&mut self, name: &[u8]) -> io::Result<Rc<OwnedFd>> {
         if let Some((cached, fd)) = &self.cached {
             if cached == name {
-                return fd.try_clone();
+                return Ok(Rc::clone(fd));
             }
         }
-        let fd = match self.resolve(name) {
+        let fd = Rc::new(match self.resolve(name) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.make_parents(name)?,
             Err(e) => return Err(e),
-        };
-        self.cached = Some((name.to_vec(), fd.try_clone()?));
+        });
+        self.cached = Some((name.to_vec(), Rc::clone(&fd)));
         Ok(fd)
     }
 
@@ -511,6 +528,12 @@ pub(super) fn finish_file(
 /// How many threads finish regular files: one per core beyond the
 /// writer's own, at most three.
 fn file_threads() -> usize {
+    if let Some(n) = std::env::var("ONTOP_APPLY_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
     std::thread::available_parallelism()
         .map(|n| n.get().saturating_sub(1).min(3))
         .unwrap_or(0)
