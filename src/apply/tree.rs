@@ -528,12 +528,6 @@ pub(super) fn finish_file(
 /// How many threads finish regular files: one per core beyond the
 /// writer's own, at most three.
 fn file_threads() -> usize {
-    if let Some(n) = std::env::var("ONTOP_APPLY_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return n;
-    }
     std::thread::available_parallelism()
         .map(|n| n.get().saturating_sub(1).min(3))
         .unwrap_or(0)
