@@ -103,20 +103,33 @@ fn caller<T>(req: &Request<T>) -> Caller {
 /// containerd's `Snapshots` service over the core.
 pub struct SnapshotsService {
     core: Arc<Snapshotter>,
-    /// Calls slower than this are logged at warn.
-    slow_call: Duration,
-    in_flight: InFlight,
+    calls: Calls,
 }
 
 impl SnapshotsService {
     pub fn new(core: Arc<Snapshotter>, slow_call: Duration, in_flight: InFlight) -> Self {
         SnapshotsService {
             core,
-            slow_call,
-            in_flight,
+            calls: Calls {
+                slow_call,
+                in_flight,
+            },
         }
     }
 
+    fn call(&self, method: &'static str, key: &str) -> Call {
+        self.calls.call(method, key)
+    }
+}
+
+/// Where containerd's calls (Snapshots and Diff) are counted and logged.
+struct Calls {
+    /// Calls slower than this are logged at warn.
+    slow_call: Duration,
+    in_flight: InFlight,
+}
+
+impl Calls {
     fn call(&self, method: &'static str, key: &str) -> Call {
         self.in_flight
             .0
@@ -131,7 +144,7 @@ impl SnapshotsService {
     }
 }
 
-/// How many Snapshots calls are being served: a stop after a takeover
+/// How many Snapshots and Diff calls are being served: a stop after a takeover
 /// waits for these, not for idle connections to hang up.
 #[derive(Clone, Default)]
 pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
@@ -515,19 +528,17 @@ impl admin::admin_server::Admin for AdminService {
 /// (compare) left to containerd's own differ.
 pub struct DiffService {
     differ: Arc<Differ>,
-    calls: SnapshotsService,
+    calls: Calls,
 }
 
 impl DiffService {
-    pub fn new(
-        differ: Arc<Differ>,
-        core: Arc<Snapshotter>,
-        slow_call: Duration,
-        in_flight: InFlight,
-    ) -> Self {
+    pub fn new(differ: Arc<Differ>, slow_call: Duration, in_flight: InFlight) -> Self {
         DiffService {
             differ,
-            calls: SnapshotsService::new(core, slow_call, in_flight),
+            calls: Calls {
+                slow_call,
+                in_flight,
+            },
         }
     }
 }

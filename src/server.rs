@@ -275,7 +275,6 @@ pub async fn serve_on(
         )))
         .add_service(DiffServer::new(DiffService::new(
             Arc::new(Differ::new(Arc::clone(&core), config.content_store.clone())),
-            Arc::clone(&core),
             config.slow_call,
             in_flight.clone(),
         )))
