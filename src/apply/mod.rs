@@ -148,10 +148,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Whether `e` says the layer itself is bad (as opposed to the disk).
 pub(crate) fn is_malformed(e: &io::Error) -> bool {
-    e.get_ref()
-        .is_some_and(|inner| inner.is::<tar::Malformed>())
-        || e.kind() == io::ErrorKind::InvalidData
-        || e.kind() == io::ErrorKind::UnexpectedEof
+    e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::UnexpectedEof
 }
 
 #[cfg(test)]
@@ -443,6 +440,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(is_malformed(&err), "{err}");
+    }
+
+    #[test]
+    fn an_entrys_failure_keeps_the_os_error_so_a_full_disk_is_told_apart() {
+        let full = tree::at_entry(b"f", io::Error::from_raw_os_error(libc::ENOSPC));
+        let e = anyhow::Error::new(full);
+        assert!(e.to_string().contains("\"f\""), "{e}");
+        assert!(e.chain().any(|c| c
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+            == Some(libc::ENOSPC)));
     }
 
     #[test]

@@ -66,8 +66,20 @@ pub(crate) struct Writer {
 pub(crate) fn at_entry(name: &[u8], e: io::Error) -> io::Error {
     io::Error::new(
         e.kind(),
-        format!("entry {:?}: {e}", String::from_utf8_lossy(name)),
+        EntryError {
+            name: String::from_utf8_lossy(name).into_owned(),
+            source: e,
+        },
     )
+}
+
+/// An entry's failure; its source stays the OS's error, so a full disk
+/// is still told apart (see `crate::error`).
+#[derive(Debug, thiserror::Error)]
+#[error("entry {name:?}: {source}")]
+pub(crate) struct EntryError {
+    name: String,
+    source: io::Error,
 }
 
 impl Writer {
