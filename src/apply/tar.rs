@@ -392,9 +392,10 @@ fn pax_time(v: &[u8]) -> io::Result<(i64, u32)> {
         let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
         nanos = digits.parse().map_err(|_| malformed("a PAX time"))?;
     }
-    if secs < 0 && nanos > 0 {
+    if s.starts_with('-') && nanos > 0 {
         // "-1.5" is 1.5 s before the epoch.
-        return Ok((secs - 1, 1_000_000_000 - nanos));
+        let secs = secs.checked_sub(1).ok_or_else(|| malformed("a PAX time"))?;
+        return Ok((secs, 1_000_000_000 - nanos));
     }
     Ok((secs, nanos))
 }
@@ -669,5 +670,7 @@ pub(crate) mod tests {
         field[10] = 0x02;
         assert_eq!(number(&field, "size").unwrap(), 0x0201);
         assert_eq!(pax_time(b"-1.5").unwrap(), (-2, 500_000_000));
+        assert_eq!(pax_time(b"-0.25").unwrap(), (-1, 750_000_000));
+        assert!(pax_time(b"-9223372036854775808.5").is_err());
     }
 }
