@@ -662,6 +662,26 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("PAX"), "{err}");
     }
 
+    proptest::proptest! {
+        /// Whatever the bytes, reading them ends in entries or an error,
+        /// never a panic; and so with a valid archive's bytes flipped.
+        #[test]
+        fn no_bytes_make_the_reader_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000)) {
+            let _ = headers(&data);
+        }
+
+        #[test]
+        fn no_corruption_of_an_archive_makes_the_reader_panic(at in 0usize..3584, byte in proptest::prelude::any::<u8>()) {
+            let mut archive = Builder::default()
+                .entry(Entry { name: "p", pax: vec![("path".into(), b"long/name".to_vec())], data: b"x", ..Default::default() })
+                .file("f", &[1u8; 700])
+                .finish();
+            let at = at % archive.len();
+            archive[at] = byte;
+            let _ = headers(&archive);
+        }
+    }
+
     #[test]
     fn base256_numbers_and_negative_pax_times_decode() {
         let mut field = [0u8; 12];
