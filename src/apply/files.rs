@@ -71,11 +71,13 @@ impl Pool {
     pub fn submit(&self, job: FileJob) -> io::Result<()> {
         self.check()?;
         self.state.0.lock().unwrap().pending += 1;
-        self.jobs
-            .as_ref()
-            .expect("submit before close")
-            .send(job)
-            .map_err(|_| io::Error::other("the file writers stopped"))
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
+        if !matches!(sent, Some(Ok(()))) {
+            // Nobody will finish it: `wait` must not count on it.
+            self.state.0.lock().unwrap().pending -= 1;
+            return Err(io::Error::other("the file writers stopped"));
+        }
+        Ok(())
     }
 
     /// Waits until every queued job is done; the first failure.
