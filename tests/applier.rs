@@ -109,18 +109,7 @@ fn unpacked(
         &ns,
         &["images", "import", "--snapshotter", snapshotter, &tar],
     );
-    let ls = ctd.ctr_ok_in(&ns, &["snapshots", "--snapshotter", snapshotter, "ls"]);
-    let rows: Vec<Vec<&str>> = ls
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    // The top layer: the one committed snapshot no other names as parent.
-    let top = rows
-        .iter()
-        .map(|r| r[0])
-        .find(|k| !rows.iter().any(|r| r.len() == 3 && r[1] == *k))
-        .unwrap_or_else(|| panic!("no top layer in {ls}"));
+    let top = ctd.top_layer(&ns, snapshotter);
     // The view's mount is printed as it is made: the garbage collector
     // may remove a view that nothing references before a second call
     // could ask for it, but not the layers the mount names.
@@ -134,7 +123,7 @@ fn unpacked(
             "--target",
             target.to_str().unwrap(),
             "check",
-            top,
+            &top,
         ],
     );
     // mount(8) resolves `fuse.X`, not containerd's `fuse3.X`.
@@ -508,18 +497,7 @@ async fn a_layer_built_from_a_snapshot_unpacks_again_to_the_same_tree() {
     let d = Daemon::start().await;
     let ctd = Containerd::start(&d).await;
     ctd.import_image();
-    let ls = ctd.snapshots(&["ls"]);
-    let rows: Vec<Vec<&str>> = ls
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    let top = rows
-        .iter()
-        .map(|r| r[0])
-        .find(|k| !rows.iter().any(|r| r.len() == 3 && r[1] == *k))
-        .unwrap()
-        .to_string();
+    let top = ctd.top_layer(&ctd.ns, "ontop");
     let channel = || async { ontop_tools::client::connect(&ctd.socket).await.unwrap() };
     let ns = || Namespace::new(&ctd.ns).unwrap();
     let mut sn = Snapshots::new(channel().await, "ontop", ns());

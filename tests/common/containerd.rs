@@ -424,6 +424,23 @@ impl Containerd {
         self.ctr_ok(&all)
     }
 
+    /// The top layer of the one image in namespace `ns` on `snapshotter`:
+    /// the snapshot `ctr snapshots ls` shows that no other names as its
+    /// parent.
+    pub fn top_layer(&self, ns: &str, snapshotter: &str) -> String {
+        let ls = self.ctr_ok_in(ns, &["snapshots", "--snapshotter", snapshotter, "ls"]);
+        let rows: Vec<Vec<&str>> = ls
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        rows.iter()
+            .map(|r| r[0])
+            .find(|k| !rows.iter().any(|r| r.len() == 3 && r[1] == *k))
+            .unwrap_or_else(|| panic!("no top layer in {ls}"))
+            .to_string()
+    }
+
     /// Keys `ctr snapshots ls` shows for ontop.
     pub fn snapshot_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self
