@@ -154,7 +154,7 @@ fn trial_mount(binary: &Path, scratch: &Path) -> anyhow::Result<()> {
     result
 }
 
-fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<()> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -186,7 +186,7 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<()> 
 
 /// umount(2) works for root in the mount's user namespace; an
 /// unprivileged user outside one goes through the setuid helper.
-fn unmount(target: &Path) -> anyhow::Result<()> {
+pub(crate) fn unmount(target: &Path) -> anyhow::Result<()> {
     if nix::mount::umount2(target, nix::mount::MntFlags::empty()).is_ok() {
         return Ok(());
     }

@@ -1,8 +1,11 @@
 //! The Diff service's core: which directory an Apply's mounts name, and
 //! applying the layer there with ontop's applier. Only ontop's own active
-//! snapshots are written, straight into their upper dir with no mount;
-//! anything else is answered Unimplemented, which makes containerd's diff
-//! service try the next applier in its list.
+//! snapshots are written: straight into their upper dir with no mount, as
+//! containerd's overlay applier does, or, where the mount transforms what
+//! is written (fuse-overlayfs mapping ids), through that mount in a
+//! namespace of the applying thread's own. Anything else is answered
+//! Unimplemented, which makes containerd's diff service try the next
+//! applier in its list.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +13,7 @@ use std::sync::Arc;
 use crate::apply::{self, content::BlobError, Applied, Target, Whiteouts};
 use crate::error::{Error, Result};
 use crate::mounts::Mount;
+use crate::private_mount;
 use crate::snapshotter::Snapshotter;
 
 /// An Apply, as the wire carried it.
@@ -30,9 +34,20 @@ pub(crate) struct Differ {
     in_userns: bool,
 }
 
-/// The overlay options ontop's applier cannot honour by writing the upper
-/// dir itself: ids that a mount would map.
-const MAPPING_OPTIONS: [&str; 4] = ["uidmap=", "gidmap=", "uidmapping=", "gidmapping="];
+/// Where an Apply writes.
+struct Destination {
+    /// The snapshot's upper dir: synced after, and emptied again when an
+    /// apply into an empty one fails.
+    upper: PathBuf,
+    target: Target,
+    /// The mount to write through, at `target.root`; none when the upper
+    /// dir is written directly.
+    through: Option<Mount>,
+}
+
+/// fuse-overlayfs's id-mapping options: what a write through the mount
+/// stores differs from what it was given, so the layer goes through it.
+const FUSE_MAPPING_OPTIONS: [&str; 2] = ["uidmapping=", "gidmapping="];
 
 impl Differ {
     pub fn new(core: Arc<Snapshotter>, content_store: PathBuf) -> Differ {
@@ -51,7 +66,7 @@ impl Differ {
             ));
         }
         let compression = apply::compression(&req.media_type).map_err(Error::unimplemented)?;
-        let target = self.target(&req.mounts)?;
+        let dest = self.destination(&req.mounts)?;
         let blob = apply::content::open(&self.content_store, &req.digest, req.size).map_err(
             |e| match e {
                 BlobError::BadDigest(_) | BlobError::WrongSize { .. } => Error::invalid_argument(e),
@@ -59,14 +74,25 @@ impl Differ {
                 BlobError::Io { .. } => Error::Internal(e.into()),
             },
         )?;
-        let root = target.root.clone();
-        let was_empty = is_empty(&root)?;
-        let applied = apply::apply(blob, compression, target).map_err(|e| {
+        let upper = dest.upper.clone();
+        let was_empty = is_empty(&upper)?;
+        let result = match dest.through {
+            None => apply::apply(blob, compression, dest.target),
+            Some(m) => {
+                let point = dest.target.root.clone();
+                private_mount::with_mount(&m, &point, || apply::apply(blob, compression, dest.target))
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "could not mount a snapshot to apply through; leaving the layer to the next applier");
+                        Error::unimplemented(format!("ontop's applier could not mount {}: {e}", upper.display()))
+                    })?
+            }
+        };
+        let applied = result.map_err(|e| {
             // A fresh upper holds nothing of the layer afterwards: the
             // snapshot is as Prepare made it.
             if was_empty {
-                if let Err(clear) = clear(&root) {
-                    tracing::error!(dir = %root.display(), error = %clear, "could not clear a failed apply's files");
+                if let Err(clear) = clear(&upper) {
+                    tracing::error!(dir = %upper.display(), error = %clear, "could not clear a failed apply's files");
                 }
             }
             let what = format!("applying layer {}: {e}", req.digest);
@@ -77,14 +103,15 @@ impl Differ {
             }
         })?;
         if req.sync_fs {
-            syncfs(&root)?;
+            syncfs(&upper)?;
         }
         Ok(applied)
     }
 
     /// Where the layer goes: the upper dir of one of ontop's active
-    /// snapshots, and the form its whiteouts take there.
-    fn target(&self, mounts: &[Mount]) -> Result<Target> {
+    /// snapshots, the form its whiteouts take there, and whether it is
+    /// written through its mount.
+    fn destination(&self, mounts: &[Mount]) -> Result<Destination> {
         let [m] = mounts else {
             return Err(Error::unimplemented(format!(
                 "ontop's applier writes only into one of ontop's own snapshots (one mount); the request has {} mounts",
@@ -103,19 +130,25 @@ impl Differ {
                         "a layer cannot be applied to a read-only mount",
                     ));
                 }
+                if m.options
+                    .iter()
+                    .any(|o| o.starts_with("uidmap=") || o.starts_with("gidmap="))
+                {
+                    // containerd writes it through an idmapped bind mount,
+                    // which needs a user namespace of the mapping's own.
+                    return Err(Error::unimplemented(
+                        "ontop's applier does not make idmapped bind mounts; containerd's applier does",
+                    ));
+                }
                 // A tree on its own: whiteouts remove, as containerd does
                 // through a bind mount.
                 (PathBuf::from(&m.source), Whiteouts::Remove, Vec::new())
             }
+            // containerd 2's `uidmap=`/`gidmap=` on a kernel overlay map
+            // only the lower dirs; containerd's overlay applier writes the
+            // upper dir with the layer's own ids whatever they say, and so
+            // does ontop's.
             "overlay" | "fuse3.fuse-overlayfs" => {
-                if m.options
-                    .iter()
-                    .any(|o| MAPPING_OPTIONS.iter().any(|p| o.starts_with(p)))
-                {
-                    return Err(Error::unimplemented(
-                        "ontop's applier does not write through id mappings",
-                    ));
-                }
                 if self.in_userns {
                     // Overlay's whiteouts are devices, which a user
                     // namespace cannot make.
@@ -154,11 +187,34 @@ impl Differ {
                 upper.display()
             )));
         }
-        Ok(Target {
-            root: upper,
-            whiteouts,
-            lowers,
-            in_userns: self.in_userns,
+        let maps = m
+            .options
+            .iter()
+            .any(|o| FUSE_MAPPING_OPTIONS.iter().any(|p| o.starts_with(p)));
+        if m.fstype.starts_with("fuse") && maps {
+            // Through the mount, as containerd's applier goes through
+            // every mount but a kernel overlay: the merged view decides
+            // what a whiteout removes, and the mapping what is stored.
+            return Ok(Destination {
+                upper,
+                target: Target {
+                    root: self.core.private_mount_dir(),
+                    whiteouts: Whiteouts::Remove,
+                    lowers: Vec::new(),
+                    in_userns: self.in_userns,
+                },
+                through: Some(m.clone()),
+            });
+        }
+        Ok(Destination {
+            upper: upper.clone(),
+            target: Target {
+                root: upper,
+                whiteouts,
+                lowers,
+                in_userns: self.in_userns,
+            },
+            through: None,
         })
     }
 }

@@ -11,6 +11,8 @@
 //! <root>/snapshots/<id>/limit.img  that ext4 image (see `crate::limit::loop_ext4`)
 //! <root>/tmp/              snapshots being built, before they get an id
 //! <root>/empty/            always empty: the lower dir of a mapped snapshot with no parent
+//! <root>/mnt/              empty but inside one thread's own mount namespace, where the
+//!                          applier mounts what it writes through (src/private_mount.rs)
 //! <root>/trash/            directories waiting to be deleted
 //! ```
 //!
@@ -215,19 +217,27 @@ impl Layout {
         self.root.join("empty")
     }
 
+    /// Where the applier mounts a snapshot it writes through: only ever a
+    /// mount point inside a private mount namespace, so empty to everyone
+    /// else.
+    pub fn private_mount_dir(&self) -> PathBuf {
+        self.root.join("mnt")
+    }
+
     fn trash_dir(&self) -> PathBuf {
         self.root.join("trash")
     }
 
     /// The root and its own directories: made at start-up, never moved or
     /// removed while serving.
-    pub fn own_dirs(&self) -> [PathBuf; 5] {
+    pub fn own_dirs(&self) -> [PathBuf; 6] {
         [
             self.root.clone(),
             self.snapshots_dir(),
             self.tmp_dir(),
             self.trash_dir(),
             self.empty_dir(),
+            self.private_mount_dir(),
         ]
     }
 

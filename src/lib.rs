@@ -65,6 +65,7 @@ pub mod limit;
 pub(crate) mod metrics;
 pub(crate) mod mounts;
 pub mod pin;
+pub(crate) mod private_mount;
 pub(crate) mod removal;
 pub mod server;
 pub mod snapshot;

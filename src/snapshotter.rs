@@ -674,6 +674,12 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Where the applier mounts a snapshot it writes through (see
+    /// src/private_mount.rs).
+    pub fn private_mount_dir(&self) -> PathBuf {
+        self.layout.private_mount_dir()
+    }
+
     /// The active snapshot whose upper dir is `upper` (as a Mounts answer
     /// named it), for an applier to write a layer straight into; `None`
     /// when the path is not under this root's snapshots. A path of one of

@@ -568,3 +568,79 @@ async fn a_layer_built_from_a_snapshot_unpacks_again_to_the_same_tree() {
     let release = common::containerd::release();
     assert_eq!(applied, usize::from(release.at_least(1, 7)), "{release:?}");
 }
+
+/// A user-namespaced container's snapshot (containerd's
+/// `WithRemapperLabels`), written as containerd's applier writes it on
+/// each backend. On the kernel the overlay's `uidmap=`/`gidmap=` map only
+/// the lower dirs for containerd, whose applier writes the upper dir with
+/// the layer's own ids: so does ontop's. fuse-overlayfs maps on the fly,
+/// and containerd applies through the mount: so does ontop, in a mount
+/// namespace no one else sees, and the mapping decides what is stored
+/// (ids outside it become the overflow id, 65534). A mapped snapshot with
+/// no parent is, on the kernel, a bind that containerd would idmap-mount:
+/// that is left to containerd's applier.
+async fn an_id_mapped_snapshot_gets_the_layer_as_containerds_applier_writes_it() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let base = layer("f('keep', b'k')\nf('gone', b'g')");
+    let mounts = c.prepare("l1", "").await.unwrap();
+    apply(&d, &store(&d, TAR, &base), mounts).await.unwrap();
+    c.commit("l1-c", "l1").await.unwrap();
+    let mapping: std::collections::HashMap<String, String> = [
+        ("containerd.io/snapshot/uidmapping", "0:100000:65536"),
+        ("containerd.io/snapshot/gidmapping", "0:200000:65536"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let tar = layer(
+        "f('root-file', b'r')\nf('mapped-file', b'm', uid=101000, gid=201000)\nf('.wh.gone')",
+    );
+    let blob = store(&d, TAR, &tar);
+    let owner = |p: std::path::PathBuf| {
+        let md = std::fs::symlink_metadata(p).unwrap();
+        (md.uid(), md.gid())
+    };
+    let fuse = common::backend() == common::Backend::FuseOverlayfs;
+
+    let mounts = c.prepare_with("m", "l1-c", mapping.clone()).await.unwrap();
+    let applied = apply(&d, &blob, mounts.clone()).await.unwrap();
+    assert_eq!(applied.digest, digest(&tar));
+    let up = upper(&mounts);
+    if fuse {
+        assert_eq!(owner(up.join("mapped-file")), (1000, 1000));
+        assert_eq!(owner(up.join("root-file")), (65534, 65534));
+    } else {
+        assert_eq!(owner(up.join("mapped-file")), (101000, 201000));
+        assert_eq!(owner(up.join("root-file")), (0, 0));
+    }
+    assert_eq!(std::fs::read(up.join("root-file")).unwrap(), b"r");
+    let wh = std::fs::symlink_metadata(up.join("gone")).unwrap();
+    assert!(
+        wh.file_type().is_char_device() && wh.rdev() == 0,
+        "the lower's file is whited out in overlay's form"
+    );
+    assert!(!up.join(".wh.gone").exists());
+
+    let fresh = c.prepare_with("fresh", "", mapping).await.unwrap();
+    let result = apply(&d, &blob, fresh.clone()).await;
+    if fuse {
+        result.unwrap();
+        assert_eq!(owner(upper(&fresh).join("mapped-file")), (1000, 1000));
+    } else {
+        assert_eq!(result.unwrap_err().code(), Code::Unimplemented);
+        let left: Vec<_> = std::fs::read_dir(upper(&fresh)).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+    // Nothing was mounted where anyone else can see it.
+    let point = d.root.join("mnt");
+    assert!(std::fs::read_dir(&point).unwrap().next().is_none());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(&point.display().to_string()),
+        "{mountinfo}"
+    );
+    d.assert_consistent();
+}
+
+on_every_backend!(an_id_mapped_snapshot_gets_the_layer_as_containerds_applier_writes_it);
