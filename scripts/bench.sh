@@ -21,7 +21,8 @@
 #      with ontop's `rebase`): overlayfs with containerd's applier against
 #      ontop with its own applier, ontop with containerd's, ontop with its
 #      applier and sync_layers = false, and GNU tar of the same layers as
-#      the floor.
+#      the floor (plain, and with a syncfs after each layer: the floor of
+#      a durable unpack).
 #
 #   4. size limits: ontop without limits against ontop with a limit on
 #      every container (default_max_size) held by each enforcer this

@@ -199,7 +199,13 @@ impl ControlServer {
                                 tracing::warn!(error = %format!("{e:#}"), "takeover: a request failed");
                             }
                         }
-                        Err(e) => tracing::warn!(error = %e, "takeover: accepting failed"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "takeover: accepting failed");
+                            // Out of descriptors, say: waiting frees the
+                            // core instead of logging the same error in a
+                            // busy loop.
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
                     }
                 }
             })

@@ -331,18 +331,25 @@ pub async fn run_all(
             by_target(unpack),
         );
         // The floor under an unpack: GNU tar writing the same layers into
-        // fresh directories, one after another, in the same filesystem.
+        // fresh directories, one after another, in the same filesystem;
+        // and the floor under a durable one, each layer synced before the
+        // next as Commit syncs it.
         let layers = image_layers(Path::new(&tar), &floor_dir.join(format!("{name}-blobs")))?;
-        let mut tar_floor = Series::default();
-        for rep in 0..sizes.image_reps {
-            let dir = floor_dir.join(format!("{name}-tar-{rep}"));
-            tar_floor.add(untar_layers(&layers, &dir)?);
+        for (synced, what) in [
+            (false, "floor, tar of its layers one after another"),
+            (true, "durable floor, tar of each layer then syncfs"),
+        ] {
+            let mut tar_floor = Series::default();
+            for rep in 0..sizes.image_reps {
+                let dir = floor_dir.join(format!("{name}-tar-{synced}-{rep}"));
+                tar_floor.add(untar_layers(&layers, &dir, synced)?);
+            }
+            report(
+                &format!("image {name}: {what}"),
+                "ms",
+                vec![("this machine".to_string(), tar_floor)],
+            );
         }
-        report(
-            &format!("image {name}: floor, tar of its layers one after another"),
-            "ms",
-            vec![("this machine".to_string(), tar_floor)],
-        );
         report(
             &format!("image {name}: ctr run --rm"),
             "ms",
@@ -513,7 +520,7 @@ fn image_layers(tar: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 /// GNU tar extracting each of `layers` into a directory of its own under
 /// `dir`, one after another (it detects compression itself); the time.
-fn untar_layers(layers: &[PathBuf], dir: &Path) -> anyhow::Result<Duration> {
+fn untar_layers(layers: &[PathBuf], dir: &Path, synced: bool) -> anyhow::Result<Duration> {
     let started = Instant::now();
     for (i, layer) in layers.iter().enumerate() {
         let into = dir.join(format!("{i}"));
@@ -530,6 +537,9 @@ fn untar_layers(layers: &[PathBuf], dir: &Path) -> anyhow::Result<Duration> {
             layer.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+        if synced {
+            nix::unistd::syncfs(&std::fs::File::open(&into)?)?;
+        }
     }
     Ok(started.elapsed())
 }
