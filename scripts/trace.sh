@@ -61,7 +61,11 @@ now_ms() { date +%s%3N; }
 trace_generation() {
   local name=$1 dir=$2
   local sock=$work/$name-ontop.sock log=$work/$name-ontop.log
-  "$ontop" serve --root "$work/$name-ontop" --address "$sock" --log-level debug >"$log" 2>&1 &
+  # ontop's applier reads layers from this containerd's content store.
+  printf 'content_store = "%s"\n' "$work/$name-containerd/io.containerd.content.v1.content" \
+    >"$work/$name-ontop.toml"
+  "$ontop" serve --config "$work/$name-ontop.toml" --root "$work/$name-ontop" --address "$sock" \
+    --log-level debug >"$log" 2>&1 &
   pids+=($!)
   "$refproxy" --async-remove --root "$work/$name-refproxy" --address "$work/$name-refproxy.sock" \
     >"$work/$name-refproxy.log" 2>&1 &
