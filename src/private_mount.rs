@@ -41,10 +41,12 @@ pub fn with_mount<T: Send>(
             enter_private_namespace().map_err(NotMounted)?;
             mount_fuse(m, point).map_err(NotMounted)?;
             let result = f();
-            // Unmounting ends the FUSE daemon; the namespace goes when this
-            // thread does, with anything left in it.
+            // Unmounting ends the FUSE daemon, which would otherwise keep
+            // the namespace alive after this thread. A busy mount is
+            // detached: it goes once nothing holds it.
             if let Err(e) = crate::backend::unmount(point) {
-                tracing::warn!(point = %point.display(), error = %format!("{e:#}"), "could not unmount a private mount; it goes with its namespace");
+                let detached = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+                tracing::warn!(point = %point.display(), error = %format!("{e:#}"), detached = detached.is_ok(), "could not unmount a private mount");
             }
             Ok(result)
         })
