@@ -800,48 +800,14 @@ mod restarts {
         //    other, each made once, through 2 restarts. (Apart from the
         //    load: their removals make containerd collect, and it deletes
         //    what the load made, which it never knew.)
-        let runs = {
-            let probe = ctd.ctr_command(&ctd.ns);
-            let ctr: std::path::PathBuf = probe.get_program().into();
-            let args: Vec<std::ffi::OsString> = probe.get_args().map(Into::into).collect();
-            let stop = Arc::new(AtomicBool::new(false));
-            let stopping = Arc::clone(&stop);
-            let thread = std::thread::spawn(move || {
-                let (mut ran, mut failed) = (0, 0);
-                for i in 0.. {
-                    if stopping.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    // Never forever: a hung container counts as failed.
-                    let ok = std::process::Command::new("timeout")
-                        .arg("60")
-                        .arg(&ctr)
-                        .args(&args)
-                        .args(["run", "--rm", "--snapshotter", "ontop"])
-                        .arg(common::containerd::IMAGE)
-                        .arg(format!("during-{i}"))
-                        .arg("true")
-                        .output()
-                        .is_ok_and(|o| o.status.success());
-                    if ok {
-                        ran += 1
-                    } else {
-                        failed += 1
-                    }
-                }
-                (ran, failed)
-            });
-            (stop, thread)
-        };
+        let runs = ctd.run_containers("ontop", "during", &["true"]);
         for _ in 0..2 {
             tokio::time::sleep(Duration::from_millis(500)).await;
             restart(&mut d, way).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        runs.0.store(true, Ordering::Relaxed);
-        let (ran, run_failed) = tokio::task::spawn_blocking(move || runs.1.join().unwrap())
-            .await
-            .unwrap();
+        let counts = runs.finish().await;
+        let (ran, run_failed) = (counts.ran, counts.failed);
 
         // 3. A restart, then at once a container and the collections.
         // Set up once containerd reaches ontop again (after plain

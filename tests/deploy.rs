@@ -456,40 +456,7 @@ async fn a_rolling_update_takes_the_socket_over_and_fails_no_call() {
     }
     import.push(&archive);
     ctd.ctr_ok(&import);
-    let runs = {
-        let probe = ctd.ctr_command(&ctd.ns);
-        let ctr: PathBuf = probe.get_program().into();
-        let args: Vec<std::ffi::OsString> = probe.get_args().map(Into::into).collect();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopping = std::sync::Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let (mut ran, mut failed, mut first) = (0, 0, None);
-            for i in 0.. {
-                if stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                // Never forever: a hung container counts as failed.
-                let out = Command::new("timeout")
-                    .arg("60")
-                    .arg(&ctr)
-                    .args(&args)
-                    .args(["run", "--rm", "--snapshotter", "node"])
-                    .arg(common::containerd::IMAGE)
-                    .arg(format!("on-the-node-{i}"))
-                    .args(["cat", "/added/new.txt"])
-                    .output()
-                    .unwrap();
-                if out.status.success() {
-                    ran += 1
-                } else {
-                    failed += 1;
-                    first.get_or_insert_with(|| String::from_utf8_lossy(&out.stderr).into_owned());
-                }
-            }
-            (ran, failed, first)
-        });
-        (stop, thread)
-    };
+    let runs = ctd.run_containers("node", "on-the-node", &["cat", "/added/new.txt"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     node.run(&ctd, newer, "ontop-newer", &command);
     let _newer = KillOnDrop(&ctd, "ontop-newer");
@@ -505,8 +472,8 @@ async fn a_rolling_update_takes_the_socket_over_and_fails_no_call() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     ctd.ctr_ok(&["tasks", "kill", "ontop-new"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    runs.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ran, failed, first) = runs.1.join().unwrap();
+    let counts = runs.finish().await;
+    let (ran, failed, first) = (counts.ran, counts.failed, counts.first_failure);
     println!("rolling update to {NEWER}: {ran} containers ran, {failed} failed");
     assert!(ran > 0, "no container ran");
     let log = |id: &str| {

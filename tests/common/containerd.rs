@@ -13,7 +13,9 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::Daemon;
@@ -386,6 +388,45 @@ impl Containerd {
         cmd
     }
 
+    /// Runs `ctr run --rm IMAGE NAME-i COMMAND...` with `snapshotter`,
+    /// one container after another, until [`ContainerRuns::finish`]. Each
+    /// runs under `timeout 60`: a hung container counts as failed.
+    pub fn run_containers(&self, snapshotter: &str, name: &str, command: &[&str]) -> ContainerRuns {
+        let probe = self.ctr_command(&self.ns);
+        let ctr: PathBuf = probe.get_program().into();
+        let args: Vec<std::ffi::OsString> = probe.get_args().map(Into::into).collect();
+        let (snapshotter, name) = (snapshotter.to_string(), name.to_string());
+        let command: Vec<String> = command.iter().map(|c| c.to_string()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut runs = RunCounts::default();
+            for i in 0.. {
+                if stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                let out = Command::new("timeout")
+                    .arg("60")
+                    .arg(&ctr)
+                    .args(&args)
+                    .args(["run", "--rm", "--snapshotter", &snapshotter, IMAGE])
+                    .arg(format!("{name}-{i}"))
+                    .args(&command)
+                    .output()
+                    .expect("starting ctr run");
+                if out.status.success() {
+                    runs.ran += 1;
+                } else {
+                    runs.failed += 1;
+                    runs.first_failure
+                        .get_or_insert_with(|| String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+            runs
+        });
+        ContainerRuns { stop, thread }
+    }
+
     /// The stdout of a command that must have succeeded; the test fails
     /// with its output and containerd's log otherwise.
     fn stdout_of(&self, what: &str, out: Output) -> String {
@@ -659,5 +700,30 @@ pub async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) 
             "timed out after {secs}s waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Containers run one after another (see [`Containerd::run_containers`]).
+pub struct ContainerRuns {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<RunCounts>,
+}
+
+#[derive(Debug, Default)]
+pub struct RunCounts {
+    pub ran: usize,
+    pub failed: usize,
+    /// ctr's stderr, the first time a run failed.
+    pub first_failure: Option<String>,
+}
+
+impl ContainerRuns {
+    /// Stops after the container running now, and counts.
+    pub async fn finish(self) -> RunCounts {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap()
     }
 }
