@@ -126,18 +126,7 @@ fn unpacked(
             &top,
         ],
     );
-    // mount(8) resolves `fuse.X`, not containerd's `fuse3.X`.
-    let cmd = cmd.replacen("-t fuse3.", "-t fuse.", 1);
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(&cmd)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::containerd::run_printed_mount(&cmd);
     let tree = manifest(target);
     common::unmount(target);
     tree

@@ -145,20 +145,7 @@ async fn containers_see_the_image_rootfs_and_keep_their_writes_to_themselves() {
 /// Runs the mount command `ctr snapshots mounts` printed.
 fn mount_printed(ctd: &Containerd, target: &std::path::Path, key: &str) {
     let cmd = ctd.snapshots(&["mounts", target.to_str().unwrap(), key]);
-    // ctr prints containerd's type, `fuse3.fuse-overlayfs`. containerd
-    // itself runs `mount.fuse3 ... -t fuse-overlayfs`, but mount(8) hands
-    // `fuse3.X` to mount.fuse3 as a program name; `fuse.X` it resolves.
-    let cmd = cmd.replacen("-t fuse3.", "-t fuse.", 1);
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(&cmd)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::containerd::run_printed_mount(&cmd);
 }
 
 async fn ctr_snapshot_commands_drive_ontop_directly() {

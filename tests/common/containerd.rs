@@ -703,6 +703,20 @@ pub async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) 
     }
 }
 
+/// Runs a mount command as `ctr snapshots mounts` prints it. ctr prints
+/// containerd's type, `fuse3.fuse-overlayfs`; containerd itself runs
+/// `mount.fuse3 ... -t fuse-overlayfs`, but mount(8) hands `fuse3.X` to
+/// mount.fuse3 as a program name, while `fuse.X` it resolves.
+pub fn run_printed_mount(cmd: &str) {
+    let cmd = cmd.replacen("-t fuse3.", "-t fuse.", 1);
+    let out = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Containers run one after another (see [`Containerd::run_containers`]).
 pub struct ContainerRuns {
     stop: Arc<AtomicBool>,

@@ -482,19 +482,7 @@ impl Namespaces {
 /// The layer blobs of the OCI image archive `tar`, bottom first, unpacked
 /// into `dir`.
 fn image_layers(tar: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
-    let out = std::process::Command::new("tar")
-        .arg("-xf")
-        .arg(tar)
-        .arg("-C")
-        .arg(dir)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "unpacking {}: {}",
-        tar.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    untar(tar, dir)?;
     let blob = |digest: &str| dir.join("blobs").join(digest.replacen(':', "/", 1));
     let json = |path: PathBuf| -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_slice(
@@ -518,25 +506,31 @@ fn image_layers(tar: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect()
 }
 
+/// GNU tar extracting `tar` into `dir`, made if missing.
+fn untar(tar: &Path, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let out = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(tar)
+        .arg("-C")
+        .arg(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "tar -xf {}: {}",
+        tar.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// GNU tar extracting each of `layers` into a directory of its own under
 /// `dir`, one after another (it detects compression itself); the time.
 fn untar_layers(layers: &[PathBuf], dir: &Path, synced: bool) -> anyhow::Result<Duration> {
     let started = Instant::now();
     for (i, layer) in layers.iter().enumerate() {
         let into = dir.join(format!("{i}"));
-        std::fs::create_dir_all(&into)?;
-        let out = std::process::Command::new("tar")
-            .arg("-xf")
-            .arg(layer)
-            .arg("-C")
-            .arg(&into)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "tar -xf {}: {}",
-            layer.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        untar(layer, &into)?;
         if synced {
             nix::unistd::syncfs(&std::fs::File::open(&into)?)?;
         }
